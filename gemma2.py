@@ -1,0 +1,457 @@
+"""Gemma-2 (google/gemma-2-2b) as SVG-T2I's text encoder, and its tokenizer.
+
+SVG-T2I feeds the DiT with `hidden_states[-2]` of the base Gemma-2 model (no LM head): the raw residual stream
+after the second-to-last decoder layer, for a right-padded batch that starts with BOS. This file is the decoder
+(embedding x sqrt(H), 26 sandwich-normed layers, final norm), the loader for the Hugging Face checkpoint folder,
+and a plain-sentencepiece tokenizer that reproduces the Hugging Face tokenizer as SVG-T2I calls it.
+
+Every op is written in the order Hugging Face runs it, so that features match bit for bit in fp32 and bf16.
+"""
+
+import json
+import os
+import re
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Gemma2Config:
+    """Gemma-2 hyper-parameters; the defaults are google/gemma-2-2b's config.json."""
+
+    vocab_size: int = 256000
+    hidden_size: int = 2304  # H
+    intermediate_size: int = 9216
+    num_hidden_layers: int = 26
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4  # GQA: query heads 2g and 2g+1 share key/value head g
+    head_dim: int = 256  # not hidden_size / num_attention_heads (288): q is 8 * 256 = 2048 wide
+    query_pre_attn_scalar: float = 256  # attention scale is query_pre_attn_scalar ** -0.5, not head_dim ** -0.5
+    sliding_window: int | None = 4096  # sliding layers see keys kv with q - window < kv <= q
+    layer_types: tuple | None = None  # None: even layers "sliding_attention", odd layers "full_attention"
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    attn_logit_softcapping: float | None = 50.0  # the cap value stored in config.json; used only if attn_softcap
+    # The soft-capping switch. Gemma 2 as specified (and transformers >= 5, eager) squashes attention logits with
+    # cap * tanh(logits / cap). But the released SVG-T2I DiT was trained on features from transformers 4.57 (the
+    # version SVG-T2I pins), whose default attention for Gemma 2 is SDPA, and that path silently drops the cap.
+    # So the default is off: plain F.scaled_dot_product_attention, called the way transformers' SDPA path calls it,
+    # which gives the features the DiT saw. attn_softcap=True runs the eager soft-capped math instead.
+    attn_softcap: bool = False
+
+    def __post_init__(self):
+        L = self.num_hidden_layers
+        if self.layer_types is None:
+            self.layer_types = tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(L))
+        self.layer_types = tuple(self.layer_types)
+        if len(self.layer_types) != L or not set(self.layer_types) <= {"sliding_attention", "full_attention"}:
+            raise ValueError(f"layer_types must list {L} entries of 'sliding_attention'/'full_attention', "
+                             f"got {list(self.layer_types)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+    @classmethod
+    def gemma2_2b(cls, **overrides):
+        """google/gemma-2-2b (the defaults above are its config.json values)."""
+        return cls(**overrides)
+
+    @classmethod
+    def tiny(cls, **overrides):
+        """A ~200k-parameter model for tests that still exercises every path: GQA, head_dim != H / heads,
+        query_pre_attn_scalar != head_dim, both layer types with a window that bites at T > 4, and a cap small
+        enough to be non-linear."""
+        cfg = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
+                   sliding_window=4, attn_logit_softcapping=3.0)
+        return cls(**{**cfg, **overrides})
+
+    @classmethod
+    def from_json(cls, path_or_dict, **overrides):
+        """Read a Hugging Face config.json (a dict, the file, or the folder holding it).
+
+        Accepts the Hub spelling (top-level `rope_theta`, `torch_dtype`, `hidden_act`, no `layer_types`) and newer
+        ones (`rope_parameters`, `dtype`, explicit `layer_types`). Missing fields take the gemma-2-2b values, as
+        they do in transformers. `overrides` set fields that are not in the file, e.g. attn_softcap=True."""
+        if isinstance(path_or_dict, dict):
+            d, where = path_or_dict, "config"
+        else:
+            where = str(path_or_dict)
+            if os.path.isdir(where):
+                where = os.path.join(where, "config.json")
+            if not os.path.isfile(where):
+                raise FileNotFoundError(f"Gemma-2 config not found: {where} (pass the model folder or its config.json)")
+            try:
+                with open(where) as f:
+                    d = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{where}: not valid JSON ({e})") from None
+        if d.get("model_type", "gemma2") != "gemma2":
+            raise ValueError(f"{where}: model_type is {d['model_type']!r}, expected 'gemma2'")
+        act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+        if act != "gelu_pytorch_tanh":
+            raise ValueError(f"{where}: hidden_activation {act!r} is not supported (Gemma 2 uses 'gelu_pytorch_tanh')")
+        if d.get("attention_bias") or d.get("use_bidirectional_attention"):
+            raise ValueError(f"{where}: attention_bias / use_bidirectional_attention are not Gemma-2-2b settings")
+        rope = d.get("rope_parameters") or {}
+        if d.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+            raise ValueError(f"{where}: only default RoPE is supported, got {d.get('rope_scaling') or rope}")
+        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d and f.name != "attn_softcap"}
+        if "rope_theta" in rope:
+            kw["rope_theta"] = rope["rope_theta"]
+        # Ignored: dtype / torch_dtype (the loader's dtype argument decides), final_logit_softcapping (LM head),
+        # max_position_embeddings, token ids, tie_word_embeddings, cache and dropout fields.
+        return cls(**{**kw, **overrides})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: in fp32, weight stored as an offset from 1, cast back *after* the weight multiply."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_cos_sin(T, config, device, dtype):
+    """cos, sin [T, head_dim] for positions 0..T-1, computed in fp32 and then cast to the model dtype.
+
+    Positions ignore the padding mask, which is right for right-padded batches. inv_freq is computed on the CPU,
+    as transformers does when it builds its buffer, so the tables are the same on every device."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))  # [d/2]
+    pos = torch.arange(T, device=device, dtype=torch.float32)
+    freqs = pos[:, None] * inv_freq.to(device)[None, :]  # [T, d/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # halves layout, not interleaved pairs
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Gemma2Attention(nn.Module):
+    """Causal GQA self-attention with RoPE; soft-capped eager math or SDPA (see Gemma2Config.attn_softcap)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        H, nH, nKV, d = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.n_rep = nH // nKV
+        self.scaling = config.query_pre_attn_scalar ** -0.5
+        self.q_proj = nn.Linear(H, nH * d, bias=False)
+        self.k_proj = nn.Linear(H, nKV * d, bias=False)
+        self.v_proj = nn.Linear(H, nKV * d, bias=False)
+        self.o_proj = nn.Linear(nH * d, H, bias=False)
+
+    def forward(self, x, cos, sin, mask):
+        # x: [B, T, H]; cos, sin: [T, d]; mask: [B, 1, T, T] bool (True = may attend), or None for plain causal
+        B, T, _ = x.shape
+        d = self.config.head_dim
+        q = self.q_proj(x).view(B, T, -1, d).transpose(1, 2)  # [B, nH, T, d]
+        k = self.k_proj(x).view(B, T, -1, d).transpose(1, 2)  # [B, nKV, T, d]
+        v = self.v_proj(x).view(B, T, -1, d).transpose(1, 2)
+        q = (q * cos) + (rotate_half(q) * sin)
+        k = (k * cos) + (rotate_half(k) * sin)
+
+        if self.config.attn_softcap:
+            k = k.repeat_interleave(self.n_rep, dim=1)
+            v = v.repeat_interleave(self.n_rep, dim=1)
+            s = torch.matmul(q, k.transpose(2, 3)) * self.scaling  # [B, nH, T, T]
+            cap = self.config.attn_logit_softcapping
+            if cap is not None:  # divide, tanh, multiply: three ops, as in the reference math
+                s = s / cap
+                s = torch.tanh(s)
+                s = s * cap
+            # the mask is added after the cap, as the dtype's finite minimum rather than -inf
+            bias = torch.zeros(mask.shape, dtype=s.dtype, device=s.device).masked_fill(~mask, torch.finfo(s.dtype).min)
+            s = s + bias
+            p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)  # softmax in fp32, cast before @ v
+            o = torch.matmul(p, v)
+        elif mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scaling,
+                                               enable_gqa=self.n_rep > 1)
+        else:
+            k = k.repeat_interleave(self.n_rep, dim=1)
+            v = v.repeat_interleave(self.n_rep, dim=1)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
+        o = o.transpose(1, 2).contiguous().reshape(B, T, -1)  # [B, T, nH * d]
+        return self.o_proj(o)
+
+
+class Gemma2MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Gemma2DecoderLayer(nn.Module):
+    """Two residual blocks, each sandwiched between a pre-norm and a post-norm (four RMSNorms per layer)."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.is_sliding = config.layer_types[layer_idx] == "sliding_attention"
+        H, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(H, eps)
+        self.self_attn = Gemma2Attention(config)
+        self.post_attention_layernorm = RMSNorm(H, eps)
+        self.pre_feedforward_layernorm = RMSNorm(H, eps)
+        self.mlp = Gemma2MLP(config)
+        self.post_feedforward_layernorm = RMSNorm(H, eps)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask))
+        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return x
+
+
+class Gemma2(nn.Module):
+    """Gemma-2 base model (no LM head). Parameter names are the checkpoint keys without the `model.` prefix."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Gemma2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def _masks(self, attention_mask, T):
+        """Boolean masks [B, 1, T, T] (True = may attend) for full and sliding layers; None means plain causal.
+
+        Padding is masked by key only: padded queries still attend to the real keys before them, so their outputs
+        are finite (and unused downstream). The SDPA path drops a mask exactly when transformers does (no padding,
+        and for sliding layers T < window), since mask=None + is_causal runs a different kernel."""
+        keep = attention_mask.bool()  # [B, T]
+        pos = torch.arange(T, device=keep.device)
+        full = (pos[None, :] <= pos[:, None])[None, None] & keep[:, None, None, :]  # [B, 1, T(q), T(kv)]
+        window = self.config.sliding_window
+        sliding = full if window is None else full & (pos[None, :] > pos[:, None] - window)
+        if not self.config.attn_softcap and bool(keep.all()):
+            full = None
+            if window is None or T < window:
+                sliding = None
+        return full, sliding
+
+    def _trunk(self, input_ids, attention_mask, num_layers):
+        """Yield the scaled embeddings, then the raw output of each of the first num_layers decoder layers."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+        if input_ids.numel() and not (0 <= int(input_ids.min()) and int(input_ids.max()) < self.config.vocab_size):
+            raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), got "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        T = input_ids.shape[1]
+        w = self.embed_tokens.weight
+        # sqrt(H) as an fp32 scalar rounded to the model dtype *before* the multiply (48.0 exactly for H = 2304)
+        x = F.embedding(input_ids, w) * torch.tensor(self.config.hidden_size ** 0.5, device=w.device).to(w.dtype)
+        yield x
+        if num_layers == 0:
+            return
+        cos, sin = rope_cos_sin(T, self.config, w.device, w.dtype)
+        full, sliding = self._masks(attention_mask, T)
+        for layer in self.layers[:num_layers]:
+            x = layer(x, cos, sin, sliding if layer.is_sliding else full)
+            yield x
+
+    def _check_num_layers(self, num_layers):
+        L = self.config.num_hidden_layers
+        if num_layers is None:
+            return L
+        if not 0 <= num_layers <= L:
+            raise ValueError(f"num_layers must be in [0, {L}], got {num_layers}")
+        return num_layers
+
+    def hidden_states(self, input_ids, attention_mask=None, num_layers=None):
+        """The tuple transformers returns as `hidden_states`: L + 1 tensors [B, T, H], in the model dtype.
+
+        Entry 0 is the scaled embedding, entry k (1 <= k < L) the raw output of layer k-1, and entry L the
+        *final-normed* output of the last layer (its raw output is not returned, as in transformers).
+        num_layers=n < L runs only the first n layers and returns the first n + 1 entries of that same tuple."""
+        n = self._check_num_layers(num_layers)
+        hs = list(self._trunk(input_ids, attention_mask, n))
+        if n == self.config.num_hidden_layers:
+            hs[-1] = self.norm(hs[-1])
+        return tuple(hs)
+
+    def encode(self, input_ids, attention_mask=None, layer=-2):
+        """hidden_states(...)[layer], running only the layers it needs and keeping no other entry.
+        The default -2 (what SVG-T2I uses) is the raw output of the second-to-last layer: the last layer is skipped."""
+        L = self.config.num_hidden_layers
+        if not -(L + 1) <= layer <= L:
+            raise ValueError(f"layer must index a tuple of {L + 1} hidden states, got {layer}")
+        k = layer % (L + 1)
+        x = None
+        for x in self._trunk(input_ids, attention_mask, k):
+            pass
+        return self.norm(x) if k == L else x
+
+    forward = encode
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading the Hugging Face checkpoint folder
+
+
+def _shard_files(folder):
+    """{file path: [checkpoint keys]} from model.safetensors.index.json, or the single model.safetensors."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        files = {}
+        for key, name in weight_map.items():
+            files.setdefault(os.path.join(folder, name), []).append(key)
+        missing = sorted(os.path.basename(p) for p in files if not os.path.isfile(p))
+        if missing:
+            raise FileNotFoundError(f"{folder}: shards listed in model.safetensors.index.json are missing: {missing}")
+        return files
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(single):
+        return {single: None}  # None: every key in the file
+    raise FileNotFoundError(f"{folder}: no model.safetensors.index.json or model.safetensors (expected a Hugging Face "
+                            f"google/gemma-2-2b folder)")
+
+
+def load_gemma2(path, device="cpu", dtype=torch.bfloat16, attn_softcap=False):
+    """Load a Hugging Face Gemma-2 folder (config.json + sharded or single safetensors) as a frozen Gemma2 in eval mode.
+
+    Keys may carry the `model.` prefix (Gemma2ForCausalLM, the official files) or not (Gemma2Model); `lm_head.weight`
+    (tied to the embedding) is ignored if present. The model is built on the meta device and each tensor is read and
+    cast straight to `dtype` on `device` one at a time, so fp32 shards never exist as a second full copy.
+    attn_softcap: see Gemma2Config.attn_softcap (default off, matching the features the SVG-T2I DiT was trained on)."""
+    folder = str(path)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"Gemma-2 folder not found: {folder} (expected config.json + model*.safetensors)")
+    config = Gemma2Config.from_json(folder, attn_softcap=attn_softcap)
+    with torch.device("meta"):
+        model = Gemma2(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    state, unexpected, bad_shape = {}, [], []
+    for file, keys in _shard_files(folder).items():
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                absent = sorted(set(keys or ()) - set(f.keys()))
+                if absent:
+                    raise ValueError(f"{file}: keys listed for it in model.safetensors.index.json are absent: "
+                                     f"{absent[:8]} ({len(absent)})")
+                for key in (f.keys() if keys is None else keys):
+                    name = key[len("model."):] if key.startswith("model.") else key
+                    if name == "lm_head.weight":  # tied to embed_tokens; not used by the encoder
+                        continue
+                    if name not in expected or name in state:
+                        unexpected.append(key)
+                        continue
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if shape != expected[name]:
+                        bad_shape.append(f"{key} {list(shape)} (expected {list(expected[name])})")
+                        continue
+                    state[name] = f.get_tensor(key).to(device=device, dtype=dtype)
+        except SafetensorError as e:
+            raise ValueError(f"{file}: cannot read as safetensors ({e})") from None
+    missing = sorted(set(expected) - set(state))
+    if missing or unexpected or bad_shape:
+        raise ValueError(f"{folder}: checkpoint does not match {config.num_hidden_layers}-layer Gemma-2 config: "
+                         f"missing {missing[:8]}{'...' if len(missing) > 8 else ''} ({len(missing)}), "
+                         f"unexpected {unexpected[:8]} ({len(unexpected)}), wrong shape {bad_shape[:8]}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+class Gemma2Tokenizer:
+    """The Gemma tokenizer on plain sentencepiece, reproducing the Hugging Face tokenizer as SVG-T2I calls it:
+    `tokenizer(texts, padding=True, pad_to_multiple_of=8, max_length=M, truncation=True)` with right padding.
+
+    BOS first, no EOS, truncation to max_length tokens counting BOS, right padding with <pad> (0) to a multiple of 8.
+    Text is encoded as is (no dummy prefix, whitespace kept). The one place raw sentencepiece differs from Hugging
+    Face: HF matches the literal strings "<pad>", "<eos>", "<bos>", "<unk>" in text as special tokens, while
+    sentencepiece never matches control symbols from text; we split those out first, as HF does."""
+
+    PAD, EOS, BOS, UNK = 0, 1, 2, 3
+    SPECIAL = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+    _special_re = re.compile("(" + "|".join(map(re.escape, SPECIAL)) + ")")
+
+    def __init__(self, model_file):
+        import sentencepiece as spm  # runtime dependency of the tokenizer only
+
+        model_file = str(model_file)
+        if os.path.isdir(model_file):
+            model_file = os.path.join(model_file, "tokenizer.model")
+        if not os.path.isfile(model_file):
+            raise FileNotFoundError(f"Gemma tokenizer not found: {model_file} (pass tokenizer.model or its folder)")
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(model_file)
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{model_file}: not a sentencepiece model ({e})") from None
+        pieces = [self.sp.id_to_piece(i) for i in range(min(4, self.sp.get_piece_size()))]
+        if pieces != list(self.SPECIAL):
+            raise ValueError(f"{model_file}: ids 0-3 are {pieces}, expected {list(self.SPECIAL)} "
+                             f"(not a Gemma tokenizer)")
+        if self.sp.encode("a", out_type=str)[0].startswith("▁"):
+            raise ValueError(f"{model_file}: adds a dummy prefix space, so it is not a Gemma tokenizer")
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text):
+        """Token ids of one text, without BOS."""
+        ids = []
+        for i, part in enumerate(self._special_re.split(text)):
+            if i % 2:  # odd entries are the captured special literals
+                ids.append(self.SPECIAL[part])
+            elif part:
+                ids += self.sp.encode(part, out_type=int)
+        return ids
+
+    def __call__(self, texts, max_length=512):
+        """texts: list of str -> (input_ids [B, T] int64, attention_mask [B, T] int64), T a multiple of 8."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError("texts must be a non-empty list of strings")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 8 or max_length % 8:
+            raise ValueError(f"max_length must be a positive multiple of 8 (padding is to a multiple of 8), "
+                             f"got {max_length!r}")
+        seqs = [([self.BOS] + self.encode(t))[:max_length] for t in texts]
+        T = -(-max(map(len, seqs)) // 8) * 8  # longest, rounded up to a multiple of 8 (<= max_length)
+        ids = torch.full((len(seqs), T), self.PAD, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, :len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[b, :len(s)] = 1
+        return ids, mask

@@ -1,0 +1,556 @@
+"""
+Unified Next-DiT: the single-stream diffusion transformer of SVG-T2I (2.6B), and its checkpoint loader.
+
+One joint sequence per sample, [valid caption tokens, image tokens, padding], runs through `n_layers` blocks of
+sandwich-normed attention + SwiGLU, conditioned on the timestep by scale-and-gate adaLN. Before that, two
+"context refiner" blocks (no adaLN) refine the caption alone and two "noise refiner" blocks (with adaLN) refine
+the image alone. Positions are 3-axis RoPE (M-RoPE): caption token j sits at (j, 0, 0), image token (r, c) at
+(cap_len, r, c). Attention is grouped-query (24 query heads share 8 K/V heads in the 2B model).
+
+Conventions: x is a normalised DINOv3 latent [C=384, H/16, W/16] (one token per DINO patch, patch_size 1);
+t in [0, 1] with 0 = pure noise and 1 = data (not scaled by 1000); the output is the velocity d x_t / d t.
+Module and parameter names mirror the official checkpoint keys, so `load_nextdit` is a plain strict load.
+
+Where this code deliberately differs from the official implementation (same function, different mechanics):
+- The context refiner runs on the caption truncated to the longest valid caption in the batch, not on the full
+  padded length. Padded keys are masked either way, so valid outputs are identical, and extra caption padding
+  cannot change any output at all.
+- RoPE angles are computed from the position ids directly (float64 product, rounded to float32, as the official
+  table), as real cos/sin instead of complex64, so nothing in the model is complex or a non-parameter buffer.
+- No attention mask is passed when nothing in the batch is padded, so the fast SDPA kernels can run; K/V heads
+  are never repeated, except on CUDA when a mask is needed (see REPEAT_KV_WHEN_MASKED).
+- q/k RMSNorm eps is 1e-6 (upstream's value without apex; with apex installed upstream silently used 1e-5).
+- Inputs are cast to the parameter dtype when autocast is off (the official code would fail on a mismatch).
+"""
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class NextDiTConfig:
+    in_channels: int = 384  # DINOv3 ViT-S/16+ channels; the output has the same width (no learned sigma)
+    patch_size: int = 1  # one token per latent pixel (= per DINO patch)
+    dim: int = 2304
+    n_layers: int = 26  # joint blocks
+    n_refiner_layers: int = 2  # each of: noise refiner (adaLN), context refiner (no adaLN)
+    n_heads: int = 24
+    n_kv_heads: int = 8  # GQA: query head h reads K/V head h // (n_heads // n_kv_heads)
+    ffn_dim: int = 9216  # 4 * dim rounded up to a multiple of 256; there is no LLaMA 2/3 factor
+    cap_feat_dim: int = 2304  # Gemma-2-2B hidden size
+    norm_eps: float = 1e-5  # sandwich norms and the caption RMSNorm
+    qk_norm_eps: float = 1e-6  # q/k RMSNorm: upstream's default eps without apex (apex would make it 1e-5)
+    axes_dims: tuple = (32, 32, 32)  # RoPE channels per axis (caption index, row, column); sums to head_dim
+    axes_lens: tuple = (600, 512, 512)  # positions per axis the official tables cover (max index + 1)
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        self.axes_dims, self.axes_lens = tuple(self.axes_dims), tuple(self.axes_lens)
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"NextDiTConfig: dim {self.dim} must divide into n_heads {self.n_heads}, "
+                             f"and n_heads into n_kv_heads {self.n_kv_heads}")
+        if sum(self.axes_dims) != self.head_dim or any(d % 2 for d in self.axes_dims) or len(self.axes_dims) != 3:
+            raise ValueError(f"NextDiTConfig: axes_dims {self.axes_dims} must be 3 even numbers summing to "
+                             f"head_dim {self.head_dim}")
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+    @property
+    def t_dim(self):
+        # width of the timestep embedding, the only adaLN input
+        return min(self.dim, 1024)
+
+    @classmethod
+    def svg_t2i_2b(cls):
+        """NextDiT_2B_GQA_patch1_Adaln_Refiner: 2,611,246,336 parameters, the released SVG-T2I model."""
+        return cls()
+
+    @classmethod
+    def svg_t2i_08b(cls):
+        """NextDiT_08B_GQA_patch1_Adaln_Refiner: 784,896,640 parameters (used by the 1-GPU training script)."""
+        return cls(dim=1152, n_layers=28, n_heads=16, n_kv_heads=8, ffn_dim=4608, axes_dims=(24, 24, 24))
+
+    @classmethod
+    def tiny(cls):
+        """A 0.24M-parameter model for tests; n_heads / n_kv_heads = 3 as in the 2B model."""
+        return cls(in_channels=8, dim=72, n_layers=2, n_refiner_layers=1, n_heads=6, n_kv_heads=2, ffn_dim=96,
+                   cap_feat_dim=32, axes_dims=(4, 4, 4))
+
+    @classmethod
+    def from_state_dict(cls, sd):
+        """Infer the config from tensor shapes (official key names, prefixes already stripped).
+
+        Not stored in the checkpoint, so taken as defaults: patch_size 1 (both released models), eps values,
+        axes_lens, theta, and axes_dims = head_dim split into three equal parts (true for both released models).
+        """
+        need = ["x_embedder.weight", "layers.0.attention.qkv.weight", "layers.0.attention.q_norm.weight",
+                "layers.0.feed_forward.w1.weight", "cap_embedder.1.weight"]
+        missing = [k for k in need if k not in sd]
+        if missing:
+            raise ValueError(f"not a NextDiT checkpoint: missing {missing} (found keys like {list(sd)[:5]})")
+        dim, in_channels = sd["x_embedder.weight"].shape
+        head_dim = sd["layers.0.attention.q_norm.weight"].shape[0]
+        qkv_heads = sd["layers.0.attention.qkv.weight"].shape[0] // head_dim
+        n_heads = dim // head_dim
+        if head_dim % 6 or dim % head_dim or (qkv_heads - n_heads) % 2:
+            raise ValueError(f"NextDiT checkpoint has inconsistent attention shapes: dim {dim}, head_dim "
+                             f"{head_dim}, qkv rows {sd['layers.0.attention.qkv.weight'].shape[0]}")
+
+        def count(prefix):
+            return len({k.split(".")[1] for k in sd if k.startswith(prefix + ".")})
+
+        return cls(in_channels=in_channels, dim=dim, n_layers=count("layers"),
+                   n_refiner_layers=count("noise_refiner"), n_heads=n_heads, n_kv_heads=(qkv_heads - n_heads) // 2,
+                   ffn_dim=sd["layers.0.feed_forward.w1.weight"].shape[0],
+                   cap_feat_dim=sd["cap_embedder.1.weight"].shape[1], axes_dims=(head_dim // 3,) * 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Positions and rotary embedding
+
+
+def position_ids(cap_lens, grid_sizes):
+    """Joint-sequence positions [B, S, 3] (int64, CPU), S = max(cap_len + h * w).
+
+    Sample i is laid out [caption 0..cap_len-1, image tokens row-major, padding]: caption token j -> (j, 0, 0),
+    image token (r, c) -> (cap_len, r, c) (axis 0 is one past the sample's *own* last caption token),
+    padding -> (0, 0, 0).
+    """
+    rows = []
+    for cap_len, (h, w) in zip(cap_lens, grid_sizes):
+        j = torch.arange(cap_len)
+        r, c = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        cap = torch.stack([j, torch.zeros_like(j), torch.zeros_like(j)], dim=-1)
+        img = torch.stack([torch.full((h * w,), cap_len), r.flatten(), c.flatten()], dim=-1)
+        rows.append(torch.cat([cap, img]))
+    return pad_sequence(rows, batch_first=True)
+
+
+def rope_cos_sin(pos, axes_dims, theta=10000.0):
+    """cos and sin of the RoPE angles, each [B, S, sum(axes_dims) // 2] float32, for positions pos [B, S, 3].
+
+    Axis a contributes d_a / 2 angles n * theta^(-2k / d_a), k = 0..d_a/2-1, computed in float64 and rounded to
+    float32 (as the official complex64 table), concatenated in axis order.
+    """
+    angles = []
+    for a, d in enumerate(axes_dims):
+        omega = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=pos.device) / d)
+        angles.append((pos[..., a, None].double() * omega).float())
+    angles = torch.cat(angles, dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x [B, S, heads, head_dim] by cos/sin [B, S, head_dim // 2], in float32.
+
+    Channels (2m, 2m + 1) are the real and imaginary part of complex number m (interleaved pairs, not
+    rotate-half), multiplied by exp(i * angle_m). Channel blocks thus follow the axes: [axis0 | axis1 | axis2].
+    """
+    re, im = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[:, :, None], sin[:, :, None]  # broadcast over heads
+    return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2).type_as(x)
+
+
+def patchify(img, p):
+    """[C, H, W] -> tokens [(H/p) * (W/p), p * p * C], row-major, token vector ordered (pH, pW, C)."""
+    C, H, W = img.shape
+    return img.reshape(C, H // p, p, W // p, p).permute(1, 3, 2, 4, 0).reshape((H // p) * (W // p), p * p * C)
+
+
+def unpatchify(tokens, h, w, p, C):
+    """Inverse of patchify: tokens [h * w, p * p * C] -> [C, h * p, w * p]."""
+    return tokens.reshape(h, w, p, p, C).permute(4, 0, 2, 1, 3).reshape(C, h * p, w * p)
+
+
+def length_mask(lengths, max_len, device):
+    """[B, max_len] bool, True on the first lengths[i] positions; None when nothing is padded."""
+    if all(n == max_len for n in lengths):
+        return None
+    return torch.arange(max_len, device=device) < torch.tensor(lengths, device=device)[:, None]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Modules
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) in float32, rounded back to x's dtype, then times the weight (the official order)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class TimestepEmbedder(nn.Module):
+    """t [B] in [0, 1] -> [cos(t f_k), sin(t f_k)] (256, cos first) -> Linear -> SiLU -> Linear -> [B, t_dim]."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+
+    @staticmethod
+    def sinusoid(t, dim=256, max_period=10000):
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t):
+        return self.mlp(self.sinusoid(t, self.frequency_embedding_size).to(self.mlp[0].weight.dtype))
+
+
+# Device types on which K/V heads are repeated when a mask is needed. torch's CUDA kernels that take a mask
+# (memory-efficient, cuDNN) do not take GQA: with enable_gqa they fall back to the math kernel, which materialises
+# [B, H, S, S] scores. Repeating K/V (consecutive groups, h -> h // n_rep, as upstream) costs 2 * S * dim per layer.
+# On CPU the flash kernel takes a mask and GQA together.
+REPEAT_KV_WHEN_MASKED = {"cuda"}
+
+
+class JointAttention(nn.Module):
+    """GQA self-attention: fused qkv, q/k RMSNorm, M-RoPE, SDPA with a key-padding mask, output projection."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
+        self.out = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.qk_norm_eps)
+        self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.qk_norm_eps)
+
+    def forward(self, x, key_mask, cos, sin):
+        # x [B, S, dim]; key_mask [B, S] bool (True = valid key) or None; cos/sin [B, S, head_dim // 2]
+        B, S, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)  # rows of qkv: [q | k | v], head-major
+        q = apply_rope(self.q_norm(q.view(B, S, H, D)), cos, sin)  # q/k norm before RoPE
+        k = apply_rope(self.k_norm(k.view(B, S, Hkv, D)), cos, sin)
+        q, k, v = q.to(v.dtype).transpose(1, 2), k.to(v.dtype).transpose(1, 2), v.view(B, S, Hkv, D).transpose(1, 2)
+        if key_mask is None:
+            # Nothing padded: no mask, so the flash kernel (which takes GQA natively) can run.
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        else:
+            mask = key_mask[:, None, None, :]  # keys only: every query row, padded or not, sees all valid keys
+            if q.device.type in REPEAT_KV_WHEN_MASKED and H != Hkv:
+                k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        # default softmax scale 1 / sqrt(head_dim), as upstream; non-causal
+        return self.out(out.transpose(1, 2).reshape(B, S, H * D))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), no biases."""
+
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class JointTransformerBlock(nn.Module):
+    """Sandwich-normed attention + FFN. With modulation: x * (1 + scale) before each branch and a tanh gate
+    after it, from SiLU(t_emb) -> Linear -> [scale_msa, gate_msa, scale_mlp, gate_mlp] (no shift terms)."""
+
+    def __init__(self, cfg, modulation=True):
+        super().__init__()
+        self.attention = JointAttention(cfg)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
+        self.attention_norm1 = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn_norm1 = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attention_norm2 = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn_norm2 = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.modulation = modulation
+        if modulation:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.t_dim, 4 * cfg.dim))
+
+    def forward(self, x, key_mask, cos, sin, t_emb=None):
+        if not self.modulation:
+            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), key_mask, cos, sin))
+            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+        scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(t_emb)[:, None].chunk(4, dim=-1)
+        h = self.attention(self.attention_norm1(x) * (1 + scale_msa), key_mask, cos, sin)
+        x = x + gate_msa.tanh() * self.attention_norm2(h)
+        h = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp))
+        return x + gate_mlp.tanh() * self.ffn_norm2(h)
+
+
+class FinalLayer(nn.Module):
+    """Affine-free LayerNorm (eps 1e-6), scale-only modulation, Linear to p * p * out_channels."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)  # no parameters
+        self.linear = nn.Linear(cfg.dim, cfg.patch_size ** 2 * cfg.in_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.t_dim, cfg.dim))
+
+    def forward(self, x, t_emb):
+        return self.linear(self.norm_final(x) * (1 + self.adaLN_modulation(t_emb)[:, None]))
+
+
+class NextDiT(nn.Module):
+    """The Unified Next-DiT. forward(x, t, cap_feats, cap_mask) -> velocity, in x's form (tensor or list)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = cfg = config
+        self.grad_checkpointing = False  # set by the trainer: activation checkpointing of the joint blocks
+        # registration order = the official state-dict order
+        self.x_embedder = nn.Linear(cfg.patch_size ** 2 * cfg.in_channels, cfg.dim)
+        self.noise_refiner = nn.ModuleList(JointTransformerBlock(cfg) for _ in range(cfg.n_refiner_layers))
+        self.context_refiner = nn.ModuleList(
+            JointTransformerBlock(cfg, modulation=False) for _ in range(cfg.n_refiner_layers))
+        self.t_embedder = TimestepEmbedder(cfg.t_dim)
+        self.cap_embedder = nn.Sequential(RMSNorm(cfg.cap_feat_dim, eps=cfg.norm_eps),
+                                          nn.Linear(cfg.cap_feat_dim, cfg.dim))
+        self.layers = nn.ModuleList(JointTransformerBlock(cfg) for _ in range(cfg.n_layers))
+        # Never used in forward (upstream creates it and forgets it), but it is in every official checkpoint.
+        self.norm_final = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.final_layer = FinalLayer(cfg)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """Upstream's initialisation, for training from scratch (RMSNorm weights start at 1)."""
+        nn.init.xavier_uniform_(self.x_embedder.weight)
+        nn.init.zeros_(self.x_embedder.bias)
+        for block in [*self.noise_refiner, *self.context_refiner, *self.layers]:
+            for lin in (block.attention.qkv, block.attention.out, *block.feed_forward.children()):
+                nn.init.xavier_uniform_(lin.weight)
+            if block.modulation:
+                nn.init.zeros_(block.adaLN_modulation[1].weight)
+                nn.init.zeros_(block.adaLN_modulation[1].bias)
+        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+        nn.init.trunc_normal_(self.cap_embedder[1].weight, std=0.02)
+        nn.init.zeros_(self.cap_embedder[1].bias)
+        for lin in (self.final_layer.linear, self.final_layer.adaLN_modulation[1]):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def _check_inputs(self, x, t, cap_feats, cap_mask):
+        cfg, p = self.config, self.config.patch_size
+        if isinstance(x, torch.Tensor):
+            if x.ndim != 4 or x.shape[0] == 0:
+                raise ValueError(f"NextDiT: x must be [B, C, H, W] or a list of [C, H, W], got shape {tuple(x.shape)}")
+            imgs = list(x.unbind(0))
+        elif isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(i, torch.Tensor) and i.ndim == 3
+                                                                  for i in x):
+            imgs = list(x)
+        else:
+            raise ValueError("NextDiT: x must be a [B, C, H, W] tensor or a non-empty list of [C, H, W] tensors")
+        B = len(imgs)
+        for img in imgs:
+            C, H, W = img.shape
+            if C != cfg.in_channels or H % p or W % p or H == 0 or W == 0:
+                raise ValueError(f"NextDiT: latent of shape {tuple(img.shape)}: need {cfg.in_channels} channels "
+                                 f"and non-zero H, W divisible by patch_size {p}")
+            if H // p >= cfg.axes_lens[1] or W // p >= cfg.axes_lens[2]:
+                raise ValueError(f"NextDiT: latent grid {H // p}x{W // p} exceeds the RoPE range "
+                                 f"{cfg.axes_lens[1] - 1}x{cfg.axes_lens[2] - 1}")
+        if cap_feats.ndim != 3 or cap_feats.shape[0] != B or cap_feats.shape[2] != cfg.cap_feat_dim:
+            raise ValueError(f"NextDiT: cap_feats must be [B={B}, L, {cfg.cap_feat_dim}], got {tuple(cap_feats.shape)}")
+        if tuple(cap_mask.shape) != tuple(cap_feats.shape[:2]):
+            raise ValueError(f"NextDiT: cap_mask must be [B, L] = {tuple(cap_feats.shape[:2])}, "
+                             f"got {tuple(cap_mask.shape)}")
+        t = torch.as_tensor(t, device=cap_feats.device)
+        t = t.expand(B) if t.ndim == 0 else t
+        if t.shape != (B,):
+            raise ValueError(f"NextDiT: t must be [B={B}] (or a scalar), got shape {tuple(t.shape)}")
+        mask = cap_mask.bool()
+        cap_lens = mask.sum(1)
+        if not torch.equal(mask, torch.arange(mask.shape[1], device=mask.device) < cap_lens[:, None]):
+            raise ValueError("NextDiT: cap_mask must be right-padded (valid tokens first, then padding)")
+        cap_lens = cap_lens.tolist()
+        if min(cap_lens) < 1 or max(cap_lens) >= cfg.axes_lens[0]:
+            raise ValueError(f"NextDiT: every caption needs 1 to {cfg.axes_lens[0] - 1} valid tokens (image tokens "
+                             f"sit at RoPE position cap_len), got {min(cap_lens)} to {max(cap_lens)}")
+        return imgs, t, cap_lens
+
+    def forward(self, x, t, cap_feats, cap_mask):
+        """
+        x: [B, C, H, W] or a list of B latents [C, H_i, W_i]; t: [B] in [0, 1] (1 = data);
+        cap_feats: [B, L, cap_feat_dim]; cap_mask: [B, L], right-padded, bool or 0/1.
+        Returns the velocity in x's form: [B, C, H, W] or a list of [C, H_i, W_i].
+        """
+        cfg, p, device = self.config, self.config.patch_size, cap_feats.device
+        imgs, t, cap_lens = self._check_inputs(x, t, cap_feats, cap_mask)
+        if not torch.is_autocast_enabled(device.type):
+            dtype = self.x_embedder.weight.dtype
+            imgs, cap_feats = [i.to(dtype) for i in imgs], cap_feats.to(dtype)
+        # The joint residual stream has the latents' dtype (the official buffer dtype; fp32 under autocast).
+        dtype = imgs[0].dtype
+        grids = [(i.shape[1] // p, i.shape[2] // p) for i in imgs]
+        img_lens = [h * w for h, w in grids]
+        seq_lens = [c + n for c, n in zip(cap_lens, img_lens)]
+        Lc, N, S = max(cap_lens), max(img_lens), max(seq_lens)
+
+        t_emb = self.t_embedder(t)  # [B, t_dim]: the only adaLN input
+
+        # RoPE for the joint sequence, and its caption / image rows for the refiners (identical on valid rows).
+        pos = position_ids(cap_lens, grids)  # [B, S, 3]
+        cap_pos = pos[:, :Lc]  # rows past a sample's cap_len are padded queries/keys: their values never matter
+        img_pos = pad_sequence([pos[i, c:c + n] for i, (c, n) in enumerate(zip(cap_lens, img_lens))],
+                               batch_first=True)  # (cap_len_i, r, c): a common axis-0 offset, cancels in q.k
+        rope = [rope_cos_sin(ids.to(device), cfg.axes_dims, cfg.rope_theta) for ids in (pos, cap_pos, img_pos)]
+        (cos, sin), (cap_cos, cap_sin), (img_cos, img_sin) = rope
+
+        # Context refiner on the valid captions (truncated to the longest; padded keys masked).
+        cap = self.cap_embedder(cap_feats[:, :Lc])  # [B, Lc, dim]
+        cap_mask = length_mask(cap_lens, Lc, device)
+        for block in self.context_refiner:
+            cap = block(cap, cap_mask, cap_cos, cap_sin)
+
+        # Noise refiner on the image tokens alone.
+        img = self.x_embedder(pad_sequence([patchify(i, p) for i in imgs], batch_first=True))  # [B, N, dim]
+        img_mask = length_mask(img_lens, N, device)
+        for block in self.noise_refiner:
+            img = block(img, img_mask, img_cos, img_sin, t_emb)
+
+        # Joint sequence per sample: [valid caption, image, padding].
+        h = pad_sequence([torch.cat([cap[i, :c], img[i, :n]]).to(dtype) for i, (c, n) in
+                          enumerate(zip(cap_lens, img_lens))], batch_first=True)  # [B, S, dim]
+        mask = length_mask(seq_lens, S, device)
+        for block in self.layers:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(block, h, mask, cos, sin, t_emb, use_reentrant=False)
+            else:
+                h = block(h, mask, cos, sin, t_emb)
+        h = self.final_layer(h, t_emb)  # [B, S, p * p * C]
+
+        out = [unpatchify(h[i, c:c + n], *grids[i], p, cfg.in_channels)
+               for i, (c, n) in enumerate(zip(cap_lens, img_lens))]
+        return torch.stack(out) if isinstance(x, torch.Tensor) else out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading the official checkpoint
+
+# In a checkpoint folder: the trainer writes both. The official sampler (sample_svg_t2i.py) always loads
+# consolidated.00-of-01.pth, `--ema` or not, so we prefer it; pass the EMA file's path to load the EMA weights.
+CHECKPOINT_NAMES = ("consolidated.00-of-01.pth", "consolidated_ema.00-of-01.pth")
+# Key infixes written by FSDP / activation checkpointing / torch.compile wrappers; DDP adds a leading "module.".
+_WRAPPER_INFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _find_checkpoint(path):
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"NextDiT checkpoint {path} does not exist")
+    for name in CHECKPOINT_NAMES:
+        if (path / name).is_file():
+            return path / name
+    safetensors = sorted(path.glob("*.safetensors"))
+    if len(safetensors) == 1:
+        return safetensors[0]
+    raise FileNotFoundError(f"no NextDiT checkpoint in {path}: expected {' or '.join(CHECKPOINT_NAMES)} or exactly "
+                            f"one *.safetensors file (found {sorted(p.name for p in path.iterdir())[:10]})")
+
+
+def _to(t, device, dtype):
+    return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+
+
+def _read_checkpoint(file, device, dtype):
+    """The file's contents: a state dict (safetensors: already converted, tensor by tensor) or a torch object."""
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                return {k: _to(f.get_tensor(k), device, dtype) for k in f.keys()}
+        except Exception as e:
+            raise ValueError(f"cannot read {file} as safetensors (corrupt or truncated?): "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    try:
+        # mmap: the tensors stay in the (reclaimable) page cache of the file until converted one by one.
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        error = e
+    if "_use_new_zipfile_serialization" in str(error):  # not a zip-format file: legacy torch.save, or garbage
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as e:
+            error = e
+    msg = str(error).splitlines()[0] if str(error) else type(error).__name__
+    raise ValueError(f"cannot read {file} as a torch checkpoint (corrupt or truncated?): {msg}") from None
+
+
+def _official_state_dict(obj):
+    """Unwrap {"model": sd} / {"ema": sd} / {"state_dict": sd} and strip wrapper prefixes from the keys."""
+    while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = next((obj[k] for k in ("model", "ema", "state_dict") if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner  # "model" first: what the official sampler's --direct_ckpt path loads
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"a NextDiT checkpoint must hold a state dict, got {type(obj).__name__}")
+    sd = {}
+    for key, value in obj.items():
+        clean = key.removeprefix("module.")
+        for infix in _WRAPPER_INFIXES:
+            clean = clean.replace(infix, "")
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"NextDiT checkpoint entry {key!r} is a {type(value).__name__}, not a tensor")
+        if clean in sd:
+            raise ValueError(f"NextDiT checkpoint has {clean!r} twice once wrapper prefixes are stripped")
+        sd[clean] = value
+    return sd
+
+
+def _short(items, n=8):
+    return f"{items[:n]}{f' (+{len(items) - n} more)' if len(items) > n else ''}"
+
+
+def nextdit_from_state_dict(sd, device="cpu", dtype=torch.bfloat16):
+    """Build a NextDiT from an official state dict (config inferred from shapes), weights in `dtype`
+    (None: as stored). The model is built on the meta device and the converted tensors are assigned to it, one
+    tensor at a time, so only the target copy is ever materialised. Returned in eval mode."""
+    sd = _official_state_dict(sd)
+    config = NextDiTConfig.from_state_dict(sd)
+    with torch.device("meta"):
+        model = NextDiT(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    misshaped = [f"{k}: {tuple(sd[k].shape)} vs {expected[k]}" for k in expected
+                 if k in sd and tuple(sd[k].shape) != expected[k]]
+    if missing or unexpected or misshaped:
+        raise ValueError(f"NextDiT checkpoint does not match {config}: missing {_short(missing)}; unexpected "
+                         f"{_short(unexpected)}; mis-shaped {_short(misshaped)}")
+    model.load_state_dict({k: _to(v, device, dtype) for k, v in sd.items()}, strict=True, assign=True)
+    return model.eval()
+
+
+def load_nextdit(path, device="cpu", dtype=torch.bfloat16):
+    """Load a NextDiT from a checkpoint folder or file: official consolidated(_ema).00-of-01.pth (flat state dict,
+    or wrapped under "model"/"ema"; FSDP/checkpoint/DDP/compile key prefixes allowed) or .safetensors."""
+    file = _find_checkpoint(path)
+    obj = _read_checkpoint(file, device, dtype)
+    try:
+        return nextdit_from_state_dict(obj, device, dtype)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None

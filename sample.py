@@ -1,0 +1,225 @@
+"""
+Sample images from SVG-T2I.
+
+    python sample.py --prompt "a cat on a sofa" --h 1024 --w 1024 --ckpt pre-trained --gemma gemma-2-2b
+    python sample.py --toy --prompt "two red circles on the left" --out shapes.png
+    python sample.py --prompts geneval_metadata.jsonl --layout geneval --outdir eval/ --ckpt ... --gemma ...
+    python sample.py --reconstruct in.png --out rec.png --ckpt pre-trained     # what the autoencoder keeps
+
+Every PNG carries its prompt, seed and sampler settings as PNG text metadata. Errors in the input (sizes,
+files, prompt files) print one line and exit with code 2.
+"""
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOY_CKPT = os.path.join(HERE, "assets", "toy")
+# The official evaluation scripts look for the prompt under these fields, in this order.
+PROMPT_FIELDS = ("refined_prompt", "prompt", "gpt_4_caption", "caption", "text", "description", "query")
+
+
+class UsageError(Exception):
+    pass
+
+
+def read_prompts(path):
+    """A .txt file (one prompt per non-empty line) or a .jsonl file (one record per line with a prompt
+    field). Returns (prompts, records); records are the parsed json lines (or None)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"prompt file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f]
+    if not path.endswith(".jsonl"):
+        prompts = [line.strip() for line in lines if line.strip()]
+        return prompts, None
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}:{n}: not valid JSON ({e.msg}); expected one object per line") from None
+        field = next((k for k in PROMPT_FIELDS if isinstance(rec, dict) and isinstance(rec.get(k), str)), None)
+        if field is None:
+            raise UsageError(f"{path}:{n}: no prompt field; expected one of {', '.join(PROMPT_FIELDS)}")
+        records.append(rec)
+    return [next(r[k] for k in PROMPT_FIELDS if isinstance(r.get(k), str)) for r in records], records
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def png_info(settings):
+    info = PngInfo()
+    for k, v in settings.items():
+        info.add_text(k, str(v))
+    return info
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Sample images from SVG-T2I.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts", help="a .txt file (one prompt per line) or .jsonl file (a 'prompt' field per line)")
+    p.add_argument("--h", type=int, default=None, help="image height in px, a multiple of 16 (default: the "
+                   "checkpoint's training resolution, else 1024)")
+    p.add_argument("--w", type=int, default=None, help="image width in px, a multiple of 16 (default: as --h)")
+    p.add_argument("--n", type=int, default=None, help="images per prompt (default 1, or 4 with --layout geneval)")
+    p.add_argument("--steps", type=int, default=50, help="model evaluations")
+    p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--renorm", type=float, default=1.0, help="clip ||guided|| to renorm * ||cond|| (0 = plain CFG)")
+    p.add_argument("--cfg-trunc", type=float, default=100.0, help="guide only while t < this (official semantics)")
+    p.add_argument("--shift", type=float, default=10.0, help="time shift (10 = the official evaluation value)")
+    p.add_argument("--solver", choices=["euler", "dpm"], default="euler",
+                   help="euler (the paper's sampler) or dpm (DPM-Solver++ 2M, the official scripts' default)")
+    p.add_argument("--seed", type=int, default=None, help="image k uses seed + k (default: a random seed, printed)")
+    p.add_argument("--negative", default="", help="negative prompt (default: empty, without system prompt)")
+    p.add_argument("--system-prompt", default="base", help="base, align, aesthetics, real, 4grid, empty, or a literal")
+    p.add_argument("--ckpt", default=None, help="checkpoint folder: the official pre-trained/ folder or a training "
+                   "checkpoint (default: the bundled toy model with --toy)")
+    p.add_argument("--gemma", default=None, help="Gemma-2-2B folder (config.json, safetensors, tokenizer.model)")
+    p.add_argument("--dit", default=None, help="override: DiT weights file")
+    p.add_argument("--autoencoder", default=None, help="override: autoencoder checkpoint")
+    p.add_argument("--dinov3", default=None, help="override: DINOv3 weights (only for --reconstruct)")
+    p.add_argument("--stats", default=None, help="override: latent statistics file")
+    p.add_argument("--toy", action="store_true", help="use the bundled toy model (assets/toy)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="DiT and Gemma dtype "
+                   "(default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--batch-size", type=int, default=1, help="images sampled together")
+    p.add_argument("--offload", action="store_true", help="move Gemma to the CPU once captions are encoded")
+    p.add_argument("--out", default=None, help="output PNG (with several images: name_00000.png, ...)")
+    p.add_argument("--outdir", default=None, help="output folder (default: samples/)")
+    p.add_argument("--layout", choices=["flat", "geneval"], default="flat",
+                   help="geneval: {index:05d}/metadata.jsonl and {index:05d}/samples/{k:05d}.png")
+    p.add_argument("--reconstruct", default=None, metavar="IMAGE",
+                   help="encode and decode IMAGE with the autoencoder instead of sampling")
+    return p.parse_args(argv)
+
+
+def output_paths(args, n_prompts, n):
+    """Where image (prompt i, sample j) goes."""
+    if args.layout == "geneval":
+        root = args.outdir or "samples"
+        return {(i, j): os.path.join(root, f"{i:05d}", "samples", f"{j:05d}.png") for i in range(n_prompts) for j in range(n)}
+    if args.out and n_prompts * n == 1:
+        return {(0, 0): args.out}
+    if args.out:
+        stem, ext = os.path.splitext(args.out)
+        return {(i, j): f"{stem}_{i * n + j:05d}{ext or '.png'}" for i in range(n_prompts) for j in range(n)}
+    root = args.outdir or "samples"
+    return {(i, j): os.path.join(root, f"{i * n + j:05d}.png") for i in range(n_prompts) for j in range(n)}
+
+
+def run(args):
+    from svgt2i import SVGT2I, check_image_size, find_weights, load_autoencoder
+
+    ckpt = args.ckpt or (TOY_CKPT if args.toy else None)
+    if ckpt is None:
+        raise UsageError("no checkpoint: pass --ckpt pre-trained (the official release folder) and --gemma, "
+                         "or --toy for the bundled toy model")
+    device = pick_device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+
+    if args.reconstruct:
+        if not args.out:
+            raise UsageError("--reconstruct needs --out FILE.png")
+        if not os.path.isfile(args.reconstruct):
+            raise UsageError(f"image not found: {args.reconstruct}")
+        files = find_weights(ckpt, autoencoder=args.autoencoder, dinov3=args.dinov3, need=("autoencoder",))
+        ae = load_autoencoder(files["autoencoder"], dinov3_path=files["dinov3"], device=device)
+        if ae.encoder is None:
+            raise UsageError("the autoencoder checkpoint has no encoder.* keys: pass --dinov3 "
+                             "dinov3_vits16plus_pretrain_lvd1689m-*.pth")
+        try:
+            image = Image.open(args.reconstruct)
+            image.load()
+        except OSError as e:
+            raise UsageError(f"cannot read image {args.reconstruct}: {e}") from None
+        ae.reconstruct(image).save(args.out)
+        print(f"wrote {args.out}", file=sys.stderr)
+        return
+
+    prompts, records = list(args.prompt), None
+    if args.prompts:
+        file_prompts, records = read_prompts(args.prompts)
+        if prompts and records:
+            raise UsageError("use either --prompt or a .jsonl --prompts file, not both")
+        prompts += file_prompts
+    if not prompts:
+        raise UsageError("no prompt: pass --prompt TEXT (repeatable) or --prompts FILE")
+    n = args.n or (4 if args.layout == "geneval" else 1)
+    if n < 1 or args.steps < 1 or args.batch_size < 1:
+        raise UsageError("--n, --steps and --batch-size must be positive")
+
+    run_info = {}
+    if os.path.isfile(os.path.join(ckpt, "run.json")):
+        with open(os.path.join(ckpt, "run.json")) as f:
+            run_info = json.load(f)
+    height = args.h or run_info.get("resolution", 1024)
+    width = args.w or height
+    check_image_size(height, width)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
+    print(f"seed {seed}", file=sys.stderr)
+
+    t0 = time.time()
+    pipe = SVGT2I.from_pretrained(ckpt, args.gemma, device=device, dtype=dtype, dit=args.dit,
+                                  autoencoder=args.autoencoder, stats=args.stats)
+    print(f"loaded {ckpt} on {device} ({str(dtype).replace('torch.', '')}) in {time.time() - t0:.1f}s", file=sys.stderr)
+
+    all_prompts = [p for p in prompts for _ in range(n)]        # image k = prompt k // n, sample k % n
+    paths = output_paths(args, len(prompts), n)
+    settings = dict(steps=args.steps, cfg=args.cfg, renorm=args.renorm, cfg_trunc=args.cfg_trunc, shift=args.shift,
+                    solver=args.solver, negative=args.negative, system_prompt=args.system_prompt,
+                    height=height, width=width, dtype=args.dtype or str(dtype).replace("torch.", ""), ckpt=ckpt)
+
+    def progress(idx, i, N):
+        print(f"\rimages {idx[0] + 1}-{idx[-1] + 1}/{len(all_prompts)}  step {i}/{N}", end="" if i < N else "\n",
+              file=sys.stderr, flush=True)
+
+    t0 = time.time()
+    images = pipe.generate(all_prompts, height=height, width=width, steps=args.steps, cfg_scale=args.cfg,
+                           shift=args.shift, seed=seed, negative_prompt=args.negative,
+                           system_prompt=args.system_prompt, solver=args.solver, renorm=args.renorm,
+                           cfg_trunc=args.cfg_trunc, batch_size=args.batch_size, offload=args.offload,
+                           progress=progress)
+    for k, image in enumerate(images):
+        i, j = divmod(k, n)
+        path = paths[(i, j)]
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        image.save(path, pnginfo=png_info(dict(prompt=prompts[i], seed=seed + k, **settings)))
+        print(path)
+    if args.layout == "geneval":
+        for i, prompt in enumerate(prompts):
+            rec = records[i] if records else {"prompt": prompt}
+            with open(os.path.join(args.outdir or "samples", f"{i:05d}", "metadata.jsonl"), "w") as f:
+                f.write(json.dumps(rec) + "\n")
+    print(f"{len(images)} images in {time.time() - t0:.1f}s", file=sys.stderr)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

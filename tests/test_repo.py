@@ -1,0 +1,61 @@
+"""The repository's own promises: CI runs the README's test command, and the import rooms of DESIGN.md hold."""
+
+import ast
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LEAVES = ["dinov3.py", "gemma2.py", "nextdit.py", "decoder.py"]
+OURS = {"dinov3", "gemma2", "nextdit", "decoder", "svgt2i", "sample", "train", "toy"}
+
+
+def read(name):
+    with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def readme_commands():
+    text = read("README.md")
+    block = text.split("```")[1]
+    return [line.strip() for line in block.strip().splitlines() if line.strip()]
+
+
+def test_readme_opens_with_two_commands_and_ci_runs_the_second():
+    cmds = readme_commands()
+    assert len(cmds) == 2
+    assert cmds[0].startswith("pip install -r requirements.txt && python sample.py")
+    ci = [line.strip() for line in read(".ci/run").splitlines()]
+    assert cmds[1] in ci, "the test command in .ci/run must be the README's, verbatim"
+
+
+def imports_of(name):
+    tree = ast.parse(read(name))
+    mods = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            mods |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            mods.add(node.module.split(".")[0])
+    return mods
+
+
+def test_leaves_import_nothing_of_ours():
+    for leaf in LEAVES:
+        assert not (imports_of(leaf) & OURS), f"{leaf} must not import other project modules"
+
+
+def test_glue_never_imports_entry_points():
+    assert not (imports_of("svgt2i.py") & {"sample", "train", "toy"})
+
+
+def test_runtime_dependencies_only():
+    allowed = {"torch", "numpy", "PIL", "safetensors", "sentencepiece"} | OURS
+    stdlib = {"argparse", "ast", "collections", "contextlib", "dataclasses", "datetime", "functools", "glob",
+              "hashlib", "io", "itertools", "json", "math", "os", "pathlib", "random", "re", "shutil", "signal",
+              "struct", "subprocess", "sys", "tempfile", "threading", "time", "typing", "warnings", "zipfile",
+              "copy", "gc", "logging", "pickle", "string", "textwrap", "traceback", "unicodedata", "socket",
+              "resource", "statistics", "__future__", "inspect", "enum", "operator", "heapq", "bisect", "uuid",
+              "platform", "errno", "fnmatch", "queue", "multiprocessing", "contextvars", "abc", "numbers"}
+    for name in os.listdir(ROOT):
+        if name.endswith(".py"):
+            extra = imports_of(name) - allowed - stdlib
+            assert not extra, f"{name} imports {extra}: not a runtime dependency (requirements.txt)"

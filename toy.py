@@ -1,0 +1,440 @@
+"""The shapes world: a tiny procedural text-to-image data set and a prompt-following score.
+
+Like nanoGPT's character-level Shakespeare, this lets a reader train every stage of SVG-T2I end to end on a
+CPU. Each image shows one to three shapes of one kind and one colour, grouped at one position on a plain
+light-grey background, and its caption names all four facts:
+
+    caption := COUNT COLOUR SHAPE POSITION
+    COUNT    := "one" | "two" | "three"
+    COLOUR   := "red" | "green" | "blue" | "yellow"
+    SHAPE    := "circle" | "square" | "triangle"      (plural "circles" ... when COUNT > one)
+    POSITION := "on the left" | "on the right" | "at the top" | "at the bottom" | "in the centre"
+
+    e.g. "two red circles on the left", "one blue square at the top"   (3 * 4 * 3 * 5 = 180 captions)
+
+Everything is deterministic from a seed and nothing is downloaded. The second half is GenEval in miniature: a
+classical analyser (colour segmentation, connected components, shape moments) reads an image back into a
+scene, so a generated image can be scored against its prompt per category (count, colour, shape, position).
+
+Splits: the world is small, so every caption appears in training; images are held out by seed. Training data
+is make_dataset(n, size, TRAIN_SEED); evaluation uses HELDOUT_SEED (prompts from heldout_prompts, images and
+sampling noise from that seed), so no evaluation image is ever a training image.
+
+    python toy.py --check              # the analyser's accuracy on ground-truth renders, clean and degraded
+    python toy.py --grid shapes.png    # a contact sheet of samples, to look at
+"""
+
+import argparse
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+# ----------------------------------------------------------------------------------------------------------------
+# the world
+
+COUNTS = {"one": 1, "two": 2, "three": 3}
+COLOURS = {  # saturated and far apart in hue (0, 50, 130, 225 degrees), so they survive blur and noise
+    "red": (220, 30, 30),
+    "green": (20, 170, 40),
+    "blue": (30, 70, 220),
+    "yellow": (240, 200, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = {  # phrase in the caption, and the anchor (x, y) in [0, 1] image coordinates the group sits around
+    "left": ("on the left", (0.2, 0.5)),
+    "right": ("on the right", (0.8, 0.5)),
+    "top": ("at the top", (0.5, 0.2)),
+    "bottom": ("at the bottom", (0.5, 0.8)),
+    "centre": ("in the centre", (0.5, 0.5)),
+}
+BACKGROUND = (240, 240, 240)
+TRAIN_SEED, HELDOUT_SEED = 0, 1
+
+# Geometry, as fractions of the image side S. Shapes are big (about a fifth of the image) so a tiny model at
+# 64 x 64 still draws them clearly; a gap keeps them apart so blurred shapes do not merge.
+SIZE_RANGE = (0.2, 0.26)  # side of the shapes' bounding box (one size per image, each shape within 5% of it)
+GAP = 0.05  # least empty space between two shapes' bounding boxes
+EDGE = 0.03  # least space between a shape and the image border
+CENTRE_BOX = 0.15  # the analyser calls a group "centre" when its centroid is within this of the middle
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What one image shows: count shapes of one colour and one kind, grouped at one position."""
+    count: int  # 1, 2 or 3
+    colour: str  # a key of COLOURS
+    shape: str  # one of SHAPES
+    position: str  # a key of POSITIONS
+
+    def __post_init__(self):
+        if self.count not in COUNTS.values():
+            raise ValueError(f"count must be one of {sorted(COUNTS.values())}, got {self.count!r}")
+        if self.colour not in COLOURS:
+            raise ValueError(f"colour must be one of {list(COLOURS)}, got {self.colour!r}")
+        if self.shape not in SHAPES:
+            raise ValueError(f"shape must be one of {list(SHAPES)}, got {self.shape!r}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"position must be one of {list(POSITIONS)}, got {self.position!r}")
+
+
+def caption(scene):
+    """The canonical caption of a scene, e.g. "two red circles on the left"."""
+    count_word = {v: k for k, v in COUNTS.items()}[scene.count]
+    noun = scene.shape + ("s" if scene.count > 1 else "")
+    return f"{count_word} {scene.colour} {noun} {POSITIONS[scene.position][0]}"
+
+
+def all_scenes():
+    """Every scene of the world, in a fixed order."""
+    return [Scene(n, c, s, p) for n in COUNTS.values() for c in COLOURS for s in SHAPES for p in POSITIONS]
+
+
+CAPTIONS = [caption(s) for s in all_scenes()]  # all 180 captions: the corpus for the toy tokenizer
+WORDS = sorted({w for c in CAPTIONS for w in c.split()})  # the 19 words they use
+
+
+def parse_caption(text):
+    """Read a prompt back into a Scene. Lenient about case, plurals, "center" and digits; strict about content."""
+    words = text.lower().replace(",", " ").replace(".", " ").split()
+    aliases = {"1": "one", "2": "two", "3": "three", "center": "centre", "middle": "centre"}
+    words = [aliases.get(w, w) for w in words]
+    singular = [w[:-1] if w.endswith("s") and w[:-1] in SHAPES else w for w in words]
+
+    def one_of(options, what):
+        found = [w for w in singular if w in options]
+        if len(set(found)) != 1:
+            problem = "no" if not found else f"several ({', '.join(found)})"
+            raise ValueError(f"cannot parse {text!r}: {problem} {what}; use one of {sorted(options)}, "
+                             f"e.g. {CAPTIONS[0]!r}")
+        return found[0]
+
+    return Scene(count=COUNTS[one_of(COUNTS, "count")], colour=one_of(COLOURS, "colour"),
+                 shape=one_of(SHAPES, "shape"), position=one_of(POSITIONS, "position"))
+
+
+def sample_scene(rng):
+    """A uniformly random scene (each category drawn independently)."""
+    rng = np.random.default_rng(rng)
+    return Scene(count=int(rng.integers(1, 4)), colour=str(rng.choice(list(COLOURS))),
+                 shape=str(rng.choice(SHAPES)), position=str(rng.choice(list(POSITIONS))))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rendering
+
+
+def position_of(x, y):
+    """Which position a group of shapes with centroid (x, y) (in [0, 1]) is at: the rule the analyser uses."""
+    dx, dy = x - 0.5, y - 0.5
+    if max(abs(dx), abs(dy)) < CENTRE_BOX:
+        return "centre"
+    if abs(dx) >= abs(dy):
+        return "left" if dx < 0 else "right"
+    return "top" if dy < 0 else "bottom"
+
+
+def _clearly_at(position, x, y):
+    """Stricter than position_of: the ground truth keeps a margin from every boundary of the rule."""
+    dx, dy = x - 0.5, y - 0.5
+    if position == "centre":
+        return max(abs(dx), abs(dy)) <= CENTRE_BOX - 0.07
+    cross, along = (dx, dy) if position in ("left", "right") else (dy, dx)
+    return abs(cross) >= CENTRE_BOX + 0.07 and abs(along) <= abs(cross) - 0.1 and position_of(x, y) == position
+
+
+def _layout(scene, rng):
+    """Shape centres and sizes (fractions of S) for a scene: jittered, non-overlapping, clearly at the position."""
+    n = scene.count
+    ax, ay = POSITIONS[scene.position][1]
+    for _ in range(1000):  # rejection sampling; a few tries on average
+        d = rng.uniform(*SIZE_RANGE) * rng.uniform(0.95, 1.05, size=n)
+        if scene.position == "centre":
+            # a compact cluster around the middle: n points on a circle of random radius and rotation
+            r = 0.0 if n == 1 else rng.uniform(0.12, 0.24)
+            t = rng.uniform(0, 2 * math.pi) + 2 * math.pi * np.arange(n) / n
+            x = ax + rng.uniform(-0.05, 0.05) + r * np.cos(t)
+            y = ay + rng.uniform(-0.05, 0.05) + r * np.sin(t)
+        else:
+            # a row along the side: consecutive shapes separated by their half sizes, the gap and some slack
+            steps = (d[:-1] + d[1:]) / 2 + GAP + rng.uniform(0, 0.08, size=n - 1)
+            along = np.concatenate([[0.0], np.cumsum(steps)])
+            along = along - along.mean() + 0.5 + rng.uniform(-0.12, 0.12)
+            cross = rng.uniform(-0.05, 0.05, size=n)
+            x, y = (ax + cross, along) if scene.position in ("left", "right") else (along, ay + cross)
+        inside = np.all(x - d / 2 >= EDGE) and np.all(x + d / 2 <= 1 - EDGE) and \
+            np.all(y - d / 2 >= EDGE) and np.all(y + d / 2 <= 1 - EDGE)
+        apart = all(max(abs(x[i] - x[j]), abs(y[i] - y[j])) >= (d[i] + d[j]) / 2 + GAP
+                    for i in range(n) for j in range(i))
+        if inside and apart and _clearly_at(scene.position, x.mean(), y.mean()):
+            return x, y, d
+    raise RuntimeError(f"could not lay out {scene}")  # never happens for the ranges above (tests cover it)
+
+
+def _draw(draw, shape, cx, cy, d, fill):
+    """Draw one shape filling the d x d box centred at (cx, cy) (pixels). Triangles point up."""
+    if shape == "circle":
+        draw.ellipse([cx - d / 2, cy - d / 2, cx + d / 2, cy + d / 2], fill=fill)
+    elif shape == "square":
+        draw.rectangle([cx - d / 2, cy - d / 2, cx + d / 2, cy + d / 2], fill=fill)
+    else:
+        draw.polygon([(cx, cy - d / 2), (cx + d / 2, cy + d / 2), (cx - d / 2, cy + d / 2)], fill=fill)
+
+
+def render(scene, size=128, rng=None):
+    """Render a scene to an RGB image of size x size. Drawn 4x larger and box-downsampled, for clean edges."""
+    if size < 32:
+        raise ValueError(f"image size must be at least 32 pixels, got {size}; use e.g. 64 or 128")
+    x, y, d = _layout(scene, np.random.default_rng(rng))
+    big = 4 * size
+    image = Image.new("RGB", (big, big), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for xi, yi, di in zip(x, y, d):
+        _draw(draw, scene.shape, xi * big, yi * big, di * big, COLOURS[scene.colour])
+    return image.resize((size, size), Image.BOX)
+
+
+def make_dataset(n, size=128, seed=TRAIN_SEED):
+    """n (image, caption) pairs. Item i depends only on (seed, i), so a longer data set extends a shorter one."""
+    data = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        scene = sample_scene(rng)
+        data.append((render(scene, size, rng), caption(scene)))
+    return data
+
+
+def heldout_prompts(n, seed=HELDOUT_SEED):
+    """n evaluation prompts, balanced: every caption once (in a seeded order) before any repeats."""
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(len(CAPTIONS)) for _ in range(n // len(CAPTIONS) + 1)])
+    return [CAPTIONS[i] for i in order[:n]]
+
+
+def degrade(image, rng=None, blur=1.0, noise=0.05):
+    """Soften an image the way a generative model does: Gaussian blur (radius in pixels at 128, scaled with
+    the image size) and additive Gaussian noise (std as a fraction of full range). Used to test the analyser."""
+    rng = np.random.default_rng(rng)
+    image = image.filter(ImageFilter.GaussianBlur(blur * image.width / 128))
+    a = np.asarray(image, dtype=np.float32) / 255 + rng.normal(0, noise, size=(image.height, image.width, 3))
+    return Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the analyser: GenEval in miniature
+#
+# Pixels with colour (the background is grey) are grouped into connected blobs; specks are dropped. A blob's
+# colour is the palette hue nearest its mean hue. Its shape comes from two numbers that are sums over many
+# pixels, so they barely move under blur and noise, measured on a soft mask m (1 inside, fading at the edges):
+#   fill = (tallest column of m) * (widest row of m) / (area of m): square 1, circle 4/pi = 1.27, triangle 2;
+#   skew = skewness of m's mass from top to bottom: circle and square 0; an upright triangle, wide at the
+#          bottom, -0.57.
+# The group's position is position_of() at the blobs' mean centre, the rule the renderer keeps a margin from.
+
+CHROMA_MIN = 0.2  # a pixel may belong to a shape when max(rgb) - min(rgb) exceeds this
+AREA_MIN = 0.004  # blobs smaller than this fraction of the image are specks, not shapes (shapes are >= 0.018)
+SKEW_MAX = -0.2  # a blob whose skew is below this is a triangle (degraded renders: triangles < -0.29, others > -0.1)
+FILL_MAX = 1.18  # otherwise a square when its fill is below this, else a circle (degraded: squares < 1.17 < circles)
+
+
+@dataclass
+class Blob:
+    """One detected shape: its colour, kind, centre (x, y in [0, 1]), area (fraction of the image), features."""
+    colour: str
+    shape: str
+    x: float
+    y: float
+    area: float
+    fill: float
+    skew: float
+
+
+@dataclass
+class Detection:
+    """What the analyser sees: like a Scene (None where nothing was found), plus the shapes it found."""
+    count: int
+    colour: str
+    shape: str
+    position: str
+    blobs: list = field(default_factory=list)
+
+
+def _opponent(rgb):
+    """Two opponent-colour axes (..., 2) whose angle is the hue and whose length is about the chroma."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return np.stack([r - (g + b) / 2, (g - b) * math.sqrt(3) / 2], axis=-1)
+
+
+_HUES = {name: math.atan2(*_opponent(np.array(c, dtype=np.float64) / 255)[::-1]) for name, c in COLOURS.items()}
+
+
+def _components(mask):
+    """Label the 4-connected components of a boolean mask (-1 off the mask). Every pixel starts with its own
+    index as label and repeatedly takes the smallest label among its neighbours, then the label of the pixel its
+    label names (pointer jumping, so long shapes need few rounds), until nothing changes."""
+    h, w = mask.shape
+    off = h * w  # the label of pixels off the mask, larger than any index
+    lab = np.where(mask, np.arange(off).reshape(h, w), off)
+    while True:
+        p = np.pad(lab, 1, constant_values=off)
+        new = np.minimum.reduce([lab, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]])
+        new = np.where(mask, new, off)
+        new = np.append(new.ravel(), off)[new]  # labels always name a pixel of the same component
+        if np.array_equal(new, lab):
+            return np.where(mask, lab, -1)
+        lab = new
+
+
+def _as_rgb_array(image):
+    """PIL image or (H, W, 3) array (uint8, or float in [0, 1]) -> float32 (H, W, 3) in [0, 1]."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+    a = np.asarray(image)
+    if a.ndim != 3 or a.shape[-1] != 3:
+        raise ValueError(f"expected an RGB image of shape (H, W, 3), got shape {a.shape}; pass a PIL image instead")
+    return a.astype(np.float32) / 255 if a.dtype == np.uint8 else np.clip(a.astype(np.float32), 0, 1)
+
+
+def _shape_features(m):
+    """fill and skew (see above) of a soft mask m (h, w) in [0, 1]."""
+    area = m.sum()
+    fill = m.sum(0).max() * m.sum(1).max() / area
+    rows = m.sum(1)
+    t = np.arange(len(rows))
+    mean = (rows * t).sum() / area
+    var = (rows * (t - mean) ** 2).sum() / area
+    skew = (rows * (t - mean) ** 3).sum() / area / var ** 1.5 if var > 0 else 0.0
+    return float(fill), float(skew)
+
+
+def analyse(image):
+    """Read an image (PIL, or an (H, W, 3) array) back into a Detection of its shapes."""
+    rgb = _as_rgb_array(image)
+    h, w, _ = rgb.shape
+    # a 3x3 median filter removes pixel noise without moving edges
+    rgb = np.asarray(Image.fromarray((rgb * 255).round().astype(np.uint8)).filter(ImageFilter.MedianFilter(3)),
+                     dtype=np.float32) / 255
+    chroma = rgb.max(-1) - rgb.min(-1)
+    opp = _opponent(rgb)
+    labels = _components(chroma > CHROMA_MIN)
+    blobs = []
+    for i in np.unique(labels[labels >= 0]):
+        ys, xs = np.nonzero(labels == i)
+        if len(ys) < AREA_MIN * h * w:
+            continue
+        # The low threshold finds faint shapes, but noise can bridge close neighbours into one blob. A shape's
+        # edge is where the chroma falls to half its own (the middle of a blurred step), whatever its colour,
+        # so cut there and keep the parts that fall apart.
+        level = np.median(chroma[ys, xs])
+        y0, x0 = ys.min(), xs.min()
+        box = (slice(y0, ys.max() + 1), slice(x0, xs.max() + 1))
+        parts = _components((labels[box] == i) & (chroma[box] >= level / 2))
+        for j in np.unique(parts[parts >= 0]):
+            ys, xs = np.nonzero(parts == j)
+            if len(ys) < AREA_MIN * h * w:
+                continue
+            ys, xs = ys + y0, xs + x0
+            hue = math.atan2(*opp[ys, xs].sum(0)[::-1])
+            colour = min(_HUES, key=lambda c: abs(math.remainder(hue - _HUES[c], 2 * math.pi)))
+            # the soft mask: the part's box grown by a pixel, its blob's pixels weighted by relative chroma
+            near = (slice(max(ys.min() - 1, 0), ys.max() + 2), slice(max(xs.min() - 1, 0), xs.max() + 2))
+            m = np.clip(chroma[near] / level, 0, 1) * (labels[near] == i)
+            fill, skew = _shape_features(m)
+            shape = "triangle" if skew < SKEW_MAX else "square" if fill < FILL_MAX else "circle"
+            blobs.append(Blob(colour, shape, (xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h, len(ys) / (h * w),
+                              fill, skew))
+    if not blobs:
+        return Detection(0, None, None, None, [])
+
+    def majority(values):
+        return max(sorted(set(values)), key=values.count)
+
+    position = position_of(np.mean([b.x for b in blobs]), np.mean([b.y for b in blobs]))
+    return Detection(len(blobs), majority([b.colour for b in blobs]), majority([b.shape for b in blobs]),
+                     position, blobs)
+
+
+def score(image, text):
+    """Check an image against its caption, per category. colour and shape hold only when every detected shape
+    has them (and at least one was found); overall holds when all four do."""
+    want = text if isinstance(text, Scene) else parse_caption(text)
+    got = analyse(image)
+    result = {
+        "count": got.count == want.count,
+        "colour": bool(got.blobs) and all(b.colour == want.colour for b in got.blobs),
+        "shape": bool(got.blobs) and all(b.shape == want.shape for b in got.blobs),
+        "position": got.position == want.position,
+    }
+    result["overall"] = all(result.values())
+    return result
+
+
+CATEGORIES = ("count", "colour", "shape", "position", "overall")
+
+
+def summarise(scores):
+    """Mean accuracy per category over a list of score() results."""
+    return {k: float(np.mean([s[k] for s in scores])) for k in CATEGORIES}
+
+
+def wrong_caption(scene, category, rng):
+    """The caption of scene with one category changed to a different random value (to check scores fail)."""
+    options = {"count": list(COUNTS.values()), "colour": list(COLOURS), "shape": list(SHAPES),
+               "position": list(POSITIONS)}[category]
+    value = getattr(scene, category)
+    other = [o for o in options if o != value][int(rng.integers(len(options) - 1))]
+    return caption(Scene(**{**scene.__dict__, category: other}))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def check(n=500, size=128, seed=HELDOUT_SEED):
+    """Print the analyser's accuracy on n ground-truth renders, clean and degraded, and its rejection rate of
+    captions that are wrong in one category. Returns the clean summary."""
+    data = make_dataset(n, size, seed)
+    rng = np.random.default_rng(seed)
+    t0 = time.time()
+    clean = summarise([score(im, cap) for im, cap in data])
+    t1 = time.time()
+    rows = [("clean", clean)]
+    for blur, noise in [(1.0, 0.05), (1.5, 0.08)]:
+        rows.append((f"blur {blur} + noise {noise}",
+                     summarise([score(degrade(im, rng, blur, noise), cap) for im, cap in data])))
+    print(f"analyser on {n} ground-truth renders at {size}x{size} ({1000 * (t1 - t0) / n:.1f} ms per image)")
+    print(f"{'':24s}" + "".join(f"{k:>10s}" for k in CATEGORIES))
+    for name, s in rows:
+        print(f"{name:24s}" + "".join(f"{s[k]:10.3f}" for k in CATEGORIES))
+    rejected = {}
+    for category in CATEGORIES[:4]:
+        wrong = [score(im, wrong_caption(parse_caption(cap), category, rng)) for im, cap in data]
+        rejected[category] = float(np.mean([not s["overall"] and not s[category] for s in wrong]))
+    print("wrong captions rejected  " + "".join(f"{k}: {v:.3f}  " for k, v in rejected.items()))
+    return clean
+
+
+def grid(path, n=24, size=128, seed=TRAIN_SEED, columns=6):
+    """Save a contact sheet of the first n training images and print their captions."""
+    data = make_dataset(n, size, seed)
+    rows = (n + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * (size + 2), rows * (size + 2)), (0, 0, 0))
+    for i, (im, cap) in enumerate(data):
+        sheet.paste(im, ((i % columns) * (size + 2), (i // columns) * (size + 2)))
+        print(f"{i:3d}  {cap}")
+    sheet.save(path)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="The shapes world: data and prompt-following score.")
+    parser.add_argument("--check", action="store_true", help="validate the analyser on ground-truth renders")
+    parser.add_argument("--grid", metavar="PNG", help="save a contact sheet of training samples")
+    parser.add_argument("--n", type=int, default=500, help="images for --check (default 500)")
+    parser.add_argument("--size", type=int, default=128, help="image size (default 128)")
+    args = parser.parse_args()
+    if args.grid:
+        grid(args.grid, size=args.size)
+    if args.check or not args.grid:
+        check(args.n, args.size)
