@@ -27,6 +27,9 @@ TOY_CKPT = os.path.join(HERE, "assets", "toy")
 PROMPT_FIELDS = ("refined_prompt", "prompt", "gpt_4_caption", "caption", "text", "description", "query")
 
 
+DEFAULTS = dict(steps=50, cfg=4.0, shift=10.0, solver="euler", system_prompt="base")
+
+
 class UsageError(Exception):
     pass
 
@@ -80,16 +83,17 @@ def parse_args(argv=None):
                    "checkpoint's training resolution, else 1024)")
     p.add_argument("--w", type=int, default=None, help="image width in px, a multiple of 16 (default: as --h)")
     p.add_argument("--n", type=int, default=None, help="images per prompt (default 1, or 4 with --layout geneval)")
-    p.add_argument("--steps", type=int, default=50, help="model evaluations")
-    p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--steps", type=int, default=None, help="model evaluations (default 50)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale, 1 = off (default 4.0)")
     p.add_argument("--renorm", type=float, default=1.0, help="clip ||guided|| to renorm * ||cond|| (0 = plain CFG)")
     p.add_argument("--cfg-trunc", type=float, default=100.0, help="guide only while t < this (official semantics)")
-    p.add_argument("--shift", type=float, default=10.0, help="time shift (10 = the official evaluation value)")
-    p.add_argument("--solver", choices=["euler", "dpm"], default="euler",
+    p.add_argument("--shift", type=float, default=None, help="time shift (default 10, the official evaluation value)")
+    p.add_argument("--solver", choices=["euler", "dpm"], default=None,
                    help="euler (the paper's sampler) or dpm (DPM-Solver++ 2M, the official scripts' default)")
     p.add_argument("--seed", type=int, default=None, help="image k uses seed + k (default: a random seed, printed)")
     p.add_argument("--negative", default="", help="negative prompt (default: empty, without system prompt)")
-    p.add_argument("--system-prompt", default="base", help="base, align, aesthetics, real, 4grid, empty, or a literal")
+    p.add_argument("--system-prompt", default=None, help="base (default), align, aesthetics, real, 4grid, empty, or a "
+                   "literal")
     p.add_argument("--ckpt", default=None, help="checkpoint folder: the official pre-trained/ folder or a training "
                    "checkpoint (default: the bundled toy model with --toy)")
     p.add_argument("--gemma", default=None, help="Gemma-2-2B folder (config.json, safetensors, tokenizer.model)")
@@ -109,6 +113,9 @@ def parse_args(argv=None):
                    help="geneval: {index:05d}/metadata.jsonl and {index:05d}/samples/{k:05d}.png")
     p.add_argument("--reconstruct", default=None, metavar="IMAGE",
                    help="encode and decode IMAGE with the autoencoder instead of sampling")
+    p.add_argument("--score", type=int, nargs="?", const=180, default=None, metavar="N",
+                   help="toy model: generate N held-out prompts of the shapes world and print the prompt-following "
+                   "accuracy per category (--out saves a sheet of the images)")
     return p.parse_args(argv)
 
 
@@ -126,8 +133,58 @@ def output_paths(args, n_prompts, n):
     return {(i, j): os.path.join(root, f"{i * n + j:05d}.png") for i in range(n_prompts) for j in range(n)}
 
 
+def resolve_settings(args, ckpt):
+    """Sampler settings: the command line, else the checkpoint's own defaults (run.json "sample", as the toy model
+    has), else DEFAULTS. Returns the image (height, width): --h/--w, else the checkpoint's resolution, else 1024."""
+    from svgt2i import check_image_size
+
+    run_info = {}
+    if os.path.isfile(os.path.join(ckpt, "run.json")):
+        with open(os.path.join(ckpt, "run.json")) as f:
+            run_info = json.load(f)
+    for k, v in {**DEFAULTS, **run_info.get("sample", {})}.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    height = args.h or run_info.get("resolution", 1024)
+    width = args.w or height
+    check_image_size(height, width)
+    return height, width
+
+
+def score_toy(args, ckpt, device, dtype, height, width):
+    """The toy model's prompt-following score: held-out prompts of the shapes world, seeds seed + k, each image
+    read back by toy.score (count, colour, shape, position)."""
+    import toy
+    from svgt2i import SVGT2I
+
+    if args.score < 1:
+        raise UsageError("--score N needs N >= 1")
+    pipe = SVGT2I.from_pretrained(ckpt, args.gemma, device=device, dtype=dtype, dit=args.dit,
+                                  autoencoder=args.autoencoder, stats=args.stats)
+    prompts = toy.heldout_prompts(args.score)
+    seed = args.seed if args.seed is not None else 0
+    t0 = time.time()
+    images = pipe.generate(prompts, height=height, width=width, steps=args.steps, cfg_scale=args.cfg,
+                           shift=args.shift, seed=seed, negative_prompt=args.negative,
+                           system_prompt=args.system_prompt, solver=args.solver, renorm=args.renorm,
+                           cfg_trunc=args.cfg_trunc, batch_size=max(args.batch_size, 30))
+    summary = toy.summarise([toy.score(im, p) for im, p in zip(images, prompts)])
+    print(f"{len(prompts)} held-out prompts, seed {seed}, cfg {args.cfg}, {args.steps} {args.solver} steps, "
+          f"shift {args.shift} ({time.time() - t0:.1f}s)")
+    for k in toy.CATEGORIES:
+        print(f"{k:>9s}  {summary[k]:.3f}")
+    if args.out:
+        cols = 12
+        sheet = Image.new("RGB", (cols * width, -(-len(images) // cols) * height), "white")
+        for k, im in enumerate(images):
+            sheet.paste(im, ((k % cols) * width, (k // cols) * height))
+        sheet.save(args.out)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return summary
+
+
 def run(args):
-    from svgt2i import SVGT2I, check_image_size, find_weights, load_autoencoder
+    from svgt2i import SVGT2I, find_weights, load_autoencoder
 
     ckpt = args.ckpt or (TOY_CKPT if args.toy else None)
     if ckpt is None:
@@ -155,6 +212,11 @@ def run(args):
         print(f"wrote {args.out}", file=sys.stderr)
         return
 
+    height, width = resolve_settings(args, ckpt)
+
+    if args.score is not None:
+        return score_toy(args, ckpt, device, dtype, height, width)
+
     prompts, records = list(args.prompt), None
     if args.prompts:
         file_prompts, records = read_prompts(args.prompts)
@@ -167,20 +229,12 @@ def run(args):
     if n < 1 or args.steps < 1 or args.batch_size < 1:
         raise UsageError("--n, --steps and --batch-size must be positive")
 
-    run_info = {}
-    if os.path.isfile(os.path.join(ckpt, "run.json")):
-        with open(os.path.join(ckpt, "run.json")) as f:
-            run_info = json.load(f)
-    height = args.h or run_info.get("resolution", 1024)
-    width = args.w or height
-    check_image_size(height, width)
-    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
-    print(f"seed {seed}", file=sys.stderr)
-
     t0 = time.time()
     pipe = SVGT2I.from_pretrained(ckpt, args.gemma, device=device, dtype=dtype, dit=args.dit,
                                   autoencoder=args.autoencoder, stats=args.stats)
     print(f"loaded {ckpt} on {device} ({str(dtype).replace('torch.', '')}) in {time.time() - t0:.1f}s", file=sys.stderr)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
+    print(f"seed {seed}", file=sys.stderr)
 
     all_prompts = [p for p in prompts for _ in range(n)]        # image k = prompt k // n, sample k % n
     paths = output_paths(args, len(prompts), n)

@@ -393,10 +393,13 @@ class TextEncoder:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def __call__(self, texts, max_length=None):
+    def __call__(self, texts, max_length=None, chunk=32):
+        """-> features [B, L, D] and mask [B, L] (bool), L the longest text rounded up to a multiple of 8.
+        Gemma runs on `chunk` texts at a time, so a long prompt list never needs one huge forward."""
         ids, mask = self.tokenizer(list(texts), max_length=max_length or self.max_length)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        feats = self.model.encode(ids, mask, layer=-2)
+        feats = torch.cat([self.model.encode(ids[i:i + chunk], mask[i:i + chunk], layer=-2)
+                           for i in range(0, len(ids), chunk)])
         return feats, mask.bool()
 
 
@@ -407,11 +410,15 @@ DOWNLOAD_HINT = ("the official weights are published with the SVG-T2I release (g
                  "'pre-trained/' folder) and Gemma-2-2B at huggingface.co/google/gemma-2-2b")
 
 
-def _first(folder, patterns):
+def _first(folder, patterns, unique=False):
+    """The first pattern that matches wins; among its matches the last in sorted order (the highest stage), or,
+    with unique=True, an error if there are several."""
     for pat in patterns:
         hits = sorted(glob.glob(os.path.join(folder, pat)))
+        if len(hits) > 1 and unique:
+            raise ValueError(f"{folder}: several files match {pat} ({', '.join(hits)}): choose one with --dit")
         if hits:
-            return hits[-1]   # sorted: the highest stage / the last shard name wins
+            return hits[-1]
     return None
 
 
@@ -423,6 +430,9 @@ def find_weights(ckpt_dir, gemma_dir=None, dit=None, autoencoder=None, dinov3=No
     Raises a clear error for each file in `need` that is missing."""
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"checkpoint folder not found: {ckpt_dir} ({DOWNLOAD_HINT})")
+    if os.path.isfile(os.path.join(ckpt_dir, "latest")):         # a training run's folder: its newest checkpoint
+        with open(os.path.join(ckpt_dir, "latest")) as f:
+            ckpt_dir = os.path.join(ckpt_dir, f.read().strip())
     run = {}
     if os.path.isfile(os.path.join(ckpt_dir, "run.json")):
         with open(os.path.join(ckpt_dir, "run.json")) as f:
@@ -431,7 +441,7 @@ def find_weights(ckpt_dir, gemma_dir=None, dit=None, autoencoder=None, dinov3=No
     found = {
         "dit": dit or _first(ckpt_dir, ["ema.safetensors", "model.safetensors", "consolidated.00-of-01.pth",
                                         "consolidated_ema.00-of-01.pth", "dit-*/consolidated.00-of-01.pth",
-                                        "dit-*/consolidated_ema.00-of-01.pth"]),
+                                        "dit-*/consolidated_ema.00-of-01.pth"], unique=True),
         "autoencoder": autoencoder or _first(ckpt_dir, ["autoencoder.safetensors", "autoencoder/svg_autoencoder-P-*.ckpt",
                                                         "autoencoder/svg_autoencoder*.ckpt", "autoencoder/*.ckpt"])
                        or run.get("autoencoder"),
@@ -532,7 +542,7 @@ class SVGT2I:
 # -----------------------------------------------------------------------------------------------------------
 # Tiny frozen parts, written in the formats the loaders read (the tiny training preset and the toy model)
 
-def train_tokenizer(texts, model_prefix, vocab_size=320):
+def train_tokenizer(texts, model_prefix, vocab_size=512):
     """Train a small sentencepiece BPE model with Gemma's conventions: <pad> 0, <eos> 1, <bos> 2, <unk> 3,
     byte fallback, digits split, no dummy prefix, whitespace kept. Returns the .model path."""
     import sentencepiece as spm
@@ -558,23 +568,26 @@ def dinov3_official_state_dict(model):
     return sd
 
 
+def gemma2_hub_config(c):
+    """A Gemma2Config as the Hub's config.json spells it."""
+    return {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "vocab_size": c.vocab_size,
+            "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim,
+            "query_pre_attn_scalar": c.query_pre_attn_scalar, "sliding_window": c.sliding_window,
+            "rope_theta": c.rope_theta, "rms_norm_eps": c.rms_norm_eps,
+            "attn_logit_softcapping": c.attn_logit_softcapping, "hidden_activation": "gelu_pytorch_tanh",
+            "hidden_act": "gelu_pytorch_tanh", "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
+            "torch_dtype": "float32"}
+
+
 def save_gemma2_folder(model, folder, tokenizer_file=None):
     """A Hugging Face style folder: config.json (Hub spelling), model.safetensors (`model.` keys) and
     tokenizer.model, which load_gemma2 and Gemma2Tokenizer read."""
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
-    c = model.config
-    cfg = {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "vocab_size": c.vocab_size,
-           "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-           "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
-           "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim,
-           "query_pre_attn_scalar": c.query_pre_attn_scalar, "sliding_window": c.sliding_window,
-           "rope_theta": c.rope_theta, "rms_norm_eps": c.rms_norm_eps,
-           "attn_logit_softcapping": c.attn_logit_softcapping, "hidden_activation": "gelu_pytorch_tanh",
-           "hidden_act": "gelu_pytorch_tanh", "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
-           "torch_dtype": "float32"}
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
+        json.dump(gemma2_hub_config(model.config), f, indent=2)
     save_file({"model." + k: v.detach().float().contiguous() for k, v in model.state_dict().items()},
               os.path.join(folder, "model.safetensors"))
     if tokenizer_file is not None:
@@ -600,6 +613,7 @@ def make_tiny_frozen(folder, texts, seed=0, dinov3_config=None, decoder_config=N
              **{"decoder." + k: v.detach().contiguous() for k, v in decoder.state_dict().items()}}
     save_file({k: v.contiguous() for k, v in ae_sd.items()}, os.path.join(folder, "autoencoder.safetensors"))
     tok = train_tokenizer(texts, os.path.join(folder, "tokenizer"))
+    os.remove(os.path.join(folder, "tokenizer.vocab"))
     import sentencepiece as spm
     vocab = spm.SentencePieceProcessor(model_file=tok).get_piece_size()
     gcfg = gemma_config or Gemma2Config.tiny(vocab_size=vocab, hidden_size=64, num_hidden_layers=2,

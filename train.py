@@ -66,7 +66,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import svgt2i
-from dinov3 import load_dinov3
+from decoder import DecoderConfig
+from dinov3 import DINOv3Config, load_dinov3
 from gemma2 import Gemma2Tokenizer, load_gemma2
 from nextdit import NextDiT, NextDiTConfig, _official_state_dict
 from svgt2i import (SYSTEM_PROMPTS, Autoencoder, StatsAccumulator, TextEncoder, images_to_tensor, interpolate,
@@ -93,7 +94,10 @@ STAGES = {
 # One intra-op thread: the tiny tensors gain nothing from more, and on a busy machine extra threads only spin.
 TINY_STAGE = dict(global_batch=16, steps=100, save_every=50, log_every=10, workers=0, checkpointing=False, threads=1)
 
-MODELS = {"2b": NextDiTConfig.svg_t2i_2b, "0.8b": NextDiTConfig.svg_t2i_08b, "tiny": NextDiTConfig.tiny}
+# The toy model's DiT (python train.py --toy): 4.3M parameters, 48-wide heads as 3 x 16 RoPE axes.
+TOY_DIT = dict(dim=192, n_layers=6, n_refiner_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=512, axes_dims=(16, 16, 16))
+MODELS = {"2b": NextDiTConfig.svg_t2i_2b, "0.8b": NextDiTConfig.svg_t2i_08b, "tiny": NextDiTConfig.tiny,
+          "toy": lambda: NextDiTConfig(**TOY_DIT)}
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.95), 1e-15    # upstream's AdamW; lr is constant (no warm-up, no schedule)
 LENGTHS, LANGUAGES = ("short", "middle", "long"), ("en", "zh")
@@ -829,8 +833,8 @@ def parse_args(argv=None):
     g.add_argument("--model", default="2b", help="NextDiT preset: " + ", ".join(MODELS))
     g.add_argument("--model-config", default=None, help="JSON object of NextDiTConfig overrides, e.g. "
                    "'{\"n_layers\": 8}' (in_channels and cap_feat_dim always follow the frozen encoders)")
-    g.add_argument("--data", required=True, help=".jsonl file of {\"path\", \"prompt\"} records")
-    g.add_argument("--out", required=True, help="output folder: checkpoints, logs, statistics")
+    g.add_argument("--data", default=None, help=".jsonl file of {\"path\", \"prompt\"} records (required)")
+    g.add_argument("--out", default=None, help="output folder: checkpoints, logs, statistics (required)")
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
                    help="continue exactly: from OUT's latest checkpoint, or from the given run/checkpoint folder")
     g.add_argument("--init-from", default=None, metavar="DIR", help="start from these weights (the previous "
@@ -886,6 +890,12 @@ def parse_args(argv=None):
     g.add_argument("--log-every", type=int, default=None, help="log interval in steps (default 10)")
     g.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for the MFU estimate "
                    "(default: known GPUs' dense bf16 peak)")
+    g = p.add_argument_group("toy model (python train.py --toy: data, frozen parts, decoder, DiT, bundle, score)")
+    g.add_argument("--toy", action="store_true", help="train the toy SVG-T2I on the shapes world (toy.py) on a CPU")
+    g.add_argument("--toy-images", type=int, default=6000, help="training images of the shapes world")
+    g.add_argument("--toy-decoder-steps", type=int, default=2400, help="decoder reconstruction steps (batch 16)")
+    g.add_argument("--bundle", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy"),
+                   help="where --toy writes the finished model (the folder sample.py --toy reads)")
     # Test hooks: die by SIGKILL right after a step (to prove resume), save the averaged gradients of every step.
     p.add_argument("--kill-after-step", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--dump-grads", action="store_true", help=argparse.SUPPRESS)
@@ -894,6 +904,8 @@ def parse_args(argv=None):
 
 def finish_args(args):
     """Fill the stage preset, check the values, make paths absolute."""
+    if not args.data or not args.out:
+        raise UsageError("--data FILE.jsonl and --out DIR are required (or --toy for the toy model)")
     if args.stage not in STAGES:
         raise UsageError(f"--stage {args.stage}: choose 1, 2, 3 or 4 (Table 4)")
     if args.model not in MODELS:
@@ -1285,9 +1297,121 @@ class Meter:
         self.reset()
 
 
+# -----------------------------------------------------------------------------------------------------------------
+# The toy model: every part of SVG-T2I, tiny, trained on the shapes world of toy.py in minutes on a CPU
+
+TOY_SIZE = 64                    # px: a 4 x 4 grid of DINOv3 patches
+TOY_SAMPLING = dict(steps=25, cfg=4.0, shift=2.0, solver="euler", system_prompt="empty")
+
+
+def train_toy_decoder(ae_path, images, steps, batch=16, lr=2e-3, seed=0):
+    """Train the autoencoder's decoder on reconstruction (L1 + L2 in pixels) from the frozen DINOv3 features of
+    `images` ([N, 3, H, W] in [-1, 1]); cosine learning rate; writes the checkpoint back in place."""
+    ae = load_autoencoder(ae_path)
+    with torch.no_grad():
+        feats = torch.cat([ae.encode(images[i:i + 256]) for i in range(0, len(images), 256)])
+    decoder = ae.decoder.train().requires_grad_(True)
+    opt = torch.optim.AdamW(decoder.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * s / steps)))
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(images), (batch,), generator=g)
+        err = decoder(feats[idx]) - images[idx]
+        loss = err.abs().mean() + err.pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 200 == 0 or step == steps:
+            log(f"decoder step {step}/{steps}  loss {loss.item():.4f}  {fmt_time(time.time() - t0)}")
+    sd = read_state_dict(ae_path)
+    sd.update({"decoder." + k: v.detach().contiguous() for k, v in decoder.state_dict().items()})
+    atomic_save_file({k: v.contiguous() for k, v in sd.items()}, ae_path)
+
+
+def write_toy_bundle(bundle, run_dir, frozen, stats_path):
+    """The finished toy model, in the layout sample.py reads: the DiT's EMA weights, the autoencoder, the latent
+    statistics, the Gemma folder, and run.json with the sampling defaults. Weights are stored in fp16 (half the
+    size; the loaders cast them to the model dtype)."""
+    ckpt = resolve_checkpoint("latest", Path(run_dir))
+    tmp = Path(str(bundle) + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    half = lambda sd: {k: (v.half() if v.is_floating_point() and not k.endswith("periods") else v).contiguous()
+                       for k, v in sd.items()}
+    save_file(half(load_file(str(ckpt / "ema.safetensors"))), str(tmp / "ema.safetensors"))
+    save_file(half(read_state_dict(frozen["autoencoder"])), str(tmp / "autoencoder.safetensors"))
+    shutil.copyfile(stats_path, tmp / "latent_stats.pt")
+    shutil.copytree(frozen["gemma"], tmp / "text_encoder")
+    run = json.loads((ckpt / "run.json").read_text())
+    info = {"frozen": {}, "resolution": TOY_SIZE, "sample": TOY_SAMPLING, "model": run["model"],
+            "trained": {"step": run.get("step"), "note": "python train.py --toy"}}
+    (tmp / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    shutil.rmtree(bundle, ignore_errors=True)
+    os.replace(tmp, bundle)
+
+
+def train_toy(args):
+    """python train.py --toy: the whole toy SVG-T2I, end to end, on a CPU.
+    1. the shapes world (toy.py): images and captions; 2. tiny frozen parts with random weights standing in for the
+    pretrained DINOv3 and Gemma-2 (a sentencepiece tokenizer trained on the toy captions); 3. the decoder trained
+    on reconstruction; 4. the DiT trained by flow matching through train() itself (statistics computed from the
+    data, latents and caption features cached); 5. the bundle sample.py --toy reads; 6. the prompt-following score."""
+    import toy
+    global LOG_FILE
+    t_start = time.time()
+    work = Path(os.path.abspath(args.out or "runs/toy"))
+    if (work / "dit" / "latest").is_file() and not args.resume:
+        raise UsageError(f"{work} already holds a toy run: pass --resume to continue it, or choose another --out")
+    work.mkdir(parents=True, exist_ok=True)
+    LOG_FILE = work / "log.txt"
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+
+    data = work / "data" / "data.jsonl"
+    if not data.is_file():
+        log(f"toy data: {args.toy_images} images of {TOY_SIZE}px")
+        (work / "data").mkdir(exist_ok=True)
+        lines = []
+        for i, (image, text) in enumerate(toy.make_dataset(args.toy_images, size=TOY_SIZE, seed=toy.TRAIN_SEED)):
+            image.save(work / "data" / f"{i:06d}.png")
+            lines.append(json.dumps({"path": f"{i:06d}.png", "prompt": text}))
+        atomic_write_text(data, "\n".join(lines) + "\n")
+
+    frozen_json = work / "frozen.json"
+    if not frozen_json.is_file():
+        log("toy frozen parts: random DINOv3 (dim 128) and Gemma-2 (hidden 64), tokenizer on the toy captions")
+        made = svgt2i.make_tiny_frozen(str(work / "frozen"), list(toy.CAPTIONS) + [""], seed=args.seed,
+                                       dinov3_config=DINOv3Config(dim=128, depth=2, n_heads=2, ffn_dim=256),
+                                       decoder_config=DecoderConfig(z_channels=128, ch=32, num_res_blocks=0))
+        images = images_to_tensor([im for im, _ in toy.make_dataset(args.toy_images, TOY_SIZE, toy.TRAIN_SEED)])
+        train_toy_decoder(made["autoencoder"], images, args.toy_decoder_steps, seed=args.seed)
+        atomic_write_text(frozen_json, json.dumps(made))
+    made = json.loads(frozen_json.read_text())
+
+    argv = ["--model", "toy", "--data", str(data), "--out", str(work / "dit"), "--resolution", str(TOY_SIZE),
+            "--autoencoder", made["autoencoder"], "--gemma", made["gemma"], "--system-prompt", "empty",
+            "--cache", str(work / "cache"), "--global-batch", str(args.global_batch or 64),
+            "--steps", str(args.steps or 1500), "--lr", str(args.lr if args.lr != 2e-4 else 1e-3),
+            "--ema-decay", str(args.ema_decay if args.ema_decay != 0.9999 else 0.999), "--seed", str(args.seed),
+            "--workers", "0", "--threads", str(torch.get_num_threads()), "--precision", "fp32",
+            "--text-dtype", "fp32", "--save-every", "250", "--log-every", "50", "--keep", "2"]
+    if (work / "dit" / "latest").is_file():
+        argv.append("--resume")
+    dit_args = finish_args(parse_args(argv))
+    train(dit_args)
+    LOG_FILE = work / "log.txt"
+    write_toy_bundle(Path(args.bundle), work / "dit", made, str(work / "dit" / "latent_stats.pt"))
+    log(f"toy model written to {args.bundle} ({fmt_time(time.time() - t_start)} in all)")
+    log("score it: python sample.py --toy --score")
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.toy:
+            train_toy(args)
+            return
         finish_args(args)
         train(args)
     except (UsageError, ValueError, FileNotFoundError) as e:
