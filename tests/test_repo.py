@@ -2,6 +2,7 @@
 
 import ast
 import os
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEAVES = ["dinov3.py", "gemma2.py", "nextdit.py", "decoder.py"]
@@ -49,12 +50,7 @@ def test_glue_never_imports_entry_points():
 
 def test_runtime_dependencies_only():
     allowed = {"torch", "numpy", "PIL", "safetensors", "sentencepiece"} | OURS
-    stdlib = {"argparse", "ast", "collections", "contextlib", "dataclasses", "datetime", "functools", "glob",
-              "hashlib", "io", "itertools", "json", "math", "os", "pathlib", "random", "re", "shutil", "signal",
-              "struct", "subprocess", "sys", "tempfile", "threading", "time", "typing", "warnings", "zipfile",
-              "copy", "gc", "logging", "pickle", "string", "textwrap", "traceback", "unicodedata", "socket",
-              "resource", "statistics", "__future__", "inspect", "enum", "operator", "heapq", "bisect", "uuid",
-              "platform", "errno", "fnmatch", "queue", "multiprocessing", "contextvars", "abc", "numbers"}
+    stdlib = set(sys.stdlib_module_names)
     for name in os.listdir(ROOT):
         if name.endswith(".py"):
             extra = imports_of(name) - allowed - stdlib
