@@ -893,7 +893,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("toy model (python train.py --toy: data, frozen parts, decoder, DiT, bundle, score)")
     g.add_argument("--toy", action="store_true", help="train the toy SVG-T2I on the shapes world (toy.py) on a CPU")
     g.add_argument("--toy-images", type=int, default=6000, help="training images of the shapes world")
-    g.add_argument("--toy-decoder-steps", type=int, default=2400, help="decoder reconstruction steps (batch 16)")
+    g.add_argument("--toy-decoder-steps", type=int, default=2000, help="decoder reconstruction steps (batch 16)")
     g.add_argument("--bundle", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy"),
                    help="where --toy writes the finished model (the folder sample.py --toy reads)")
     # Test hooks: die by SIGKILL right after a step (to prove resume), save the averaged gradients of every step.
@@ -1392,7 +1392,7 @@ def train_toy(args):
     argv = ["--model", "toy", "--data", str(data), "--out", str(work / "dit"), "--resolution", str(TOY_SIZE),
             "--autoencoder", made["autoencoder"], "--gemma", made["gemma"], "--system-prompt", "empty",
             "--cache", str(work / "cache"), "--global-batch", str(args.global_batch or 64),
-            "--steps", str(args.steps or 1500), "--lr", str(args.lr if args.lr != 2e-4 else 1e-3),
+            "--steps", str(args.steps or 2200), "--lr", str(args.lr if args.lr != 2e-4 else 1e-3),
             "--ema-decay", str(args.ema_decay if args.ema_decay != 0.9999 else 0.999), "--seed", str(args.seed),
             "--workers", "0", "--threads", str(torch.get_num_threads()), "--precision", "fp32",
             "--text-dtype", "fp32", "--save-every", "250", "--log-every", "50", "--keep", "2"]

@@ -110,6 +110,7 @@ def main():
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--keep", action="store_true", help="keep the written checkpoints")
+    p.add_argument("--write-only", action="store_true", help="only write the checkpoints (implies --keep)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -125,6 +126,8 @@ def main():
                    pre / "dinov3_s16p_layer_patchtoken_stats_dist.pt")
         write_gemma(gemma)
         print(f"wrote full-size checkpoints to {tmp} in {time.time() - t0:.0f}s", flush=True)
+    if a.write_only:
+        return
     cmd = [sys.executable, __file__, a.tmpdir, "--child", str(pre), str(gemma), "--dtype", a.dtype,
            "--steps", str(a.steps), "--threads", str(a.threads), "--resolutions", *map(str, a.resolutions)]
     out = subprocess.run(cmd, capture_output=True, text=True)
