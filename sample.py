@@ -136,11 +136,12 @@ def output_paths(args, n_prompts, n):
 def resolve_settings(args, ckpt):
     """Sampler settings: the command line, else the checkpoint's own defaults (run.json "sample", as the toy model
     has), else DEFAULTS. Returns the image (height, width): --h/--w, else the checkpoint's resolution, else 1024."""
-    from svgt2i import check_image_size
+    from svgt2i import check_image_size, checkpoint_folder
 
     run_info = {}
-    if os.path.isfile(os.path.join(ckpt, "run.json")):
-        with open(os.path.join(ckpt, "run.json")) as f:
+    run_json = os.path.join(checkpoint_folder(ckpt), "run.json")
+    if os.path.isfile(run_json):
+        with open(run_json) as f:
             run_info = json.load(f)
     for k, v in {**DEFAULTS, **run_info.get("sample", {})}.items():
         if getattr(args, k) is None:

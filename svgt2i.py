@@ -422,6 +422,14 @@ def _first(folder, patterns, unique=False):
     return None
 
 
+def checkpoint_folder(path):
+    """A training run's folder (OUT/, holding `latest`) stands for its newest checkpoint; any other folder for itself."""
+    if os.path.isfile(os.path.join(path, "latest")):
+        with open(os.path.join(path, "latest")) as f:
+            return os.path.join(path, f.read().strip())
+    return path
+
+
 def find_weights(ckpt_dir, gemma_dir=None, dit=None, autoencoder=None, dinov3=None, stats=None,
                  need=("dit", "autoencoder", "stats", "gemma")):
     """Locate the files of a checkpoint folder: the official `pre-trained/` layout, or one of our own
@@ -430,9 +438,7 @@ def find_weights(ckpt_dir, gemma_dir=None, dit=None, autoencoder=None, dinov3=No
     Raises a clear error for each file in `need` that is missing."""
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"checkpoint folder not found: {ckpt_dir} ({DOWNLOAD_HINT})")
-    if os.path.isfile(os.path.join(ckpt_dir, "latest")):         # a training run's folder: its newest checkpoint
-        with open(os.path.join(ckpt_dir, "latest")) as f:
-            ckpt_dir = os.path.join(ckpt_dir, f.read().strip())
+    ckpt_dir = checkpoint_folder(ckpt_dir)
     run = {}
     if os.path.isfile(os.path.join(ckpt_dir, "run.json")):
         with open(os.path.join(ckpt_dir, "run.json")) as f:

@@ -1384,7 +1384,8 @@ def train_toy(args):
         made = svgt2i.make_tiny_frozen(str(work / "frozen"), list(toy.CAPTIONS) + [""], seed=args.seed,
                                        dinov3_config=DINOv3Config(dim=128, depth=2, n_heads=2, ffn_dim=256),
                                        decoder_config=DecoderConfig(z_channels=128, ch=32, num_res_blocks=0))
-        images = images_to_tensor([im for im, _ in toy.make_dataset(args.toy_images, TOY_SIZE, toy.TRAIN_SEED)])
+        paths = [json.loads(line)["path"] for line in data.read_text().splitlines()]
+        images = images_to_tensor([Image.open(work / "data" / p) for p in paths])
         train_toy_decoder(made["autoencoder"], images, args.toy_decoder_steps, seed=args.seed)
         atomic_write_text(frozen_json, json.dumps(made))
     made = json.loads(frozen_json.read_text())
