@@ -499,7 +499,7 @@ def _read_checkpoint(file, device, dtype):
     raise ValueError(f"cannot read {file} as a torch checkpoint (corrupt or truncated?): {msg}") from None
 
 
-def _official_state_dict(obj):
+def unwrap_state_dict(obj):
     """Unwrap {"model": sd} / {"ema": sd} / {"state_dict": sd} and strip wrapper prefixes from the keys."""
     while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         inner = next((obj[k] for k in ("model", "ema", "state_dict") if isinstance(obj.get(k), Mapping)), None)
@@ -529,7 +529,7 @@ def nextdit_from_state_dict(sd, device="cpu", dtype=torch.bfloat16):
     """Build a NextDiT from an official state dict (config inferred from shapes), weights in `dtype`
     (None: as stored). The model is built on the meta device and the converted tensors are assigned to it, one
     tensor at a time, so only the target copy is ever materialised. Returned in eval mode."""
-    sd = _official_state_dict(sd)
+    sd = unwrap_state_dict(sd)
     config = NextDiTConfig.from_state_dict(sd)
     with torch.device("meta"):
         model = NextDiT(config)

@@ -69,7 +69,7 @@ import svgt2i
 from decoder import DecoderConfig
 from dinov3 import DINOv3Config, load_dinov3
 from gemma2 import Gemma2Tokenizer, load_gemma2
-from nextdit import NextDiT, NextDiTConfig, _official_state_dict
+from nextdit import NextDiT, NextDiTConfig, unwrap_state_dict
 from svgt2i import (SYSTEM_PROMPTS, Autoencoder, StatsAccumulator, TextEncoder, images_to_tensor, interpolate,
                     load_autoencoder, load_latent_stats, read_state_dict, sample_training_t, system_prompt_text,
                     training_shift, velocity_target)
@@ -719,7 +719,7 @@ def init_weights_file(path, prefer_ema):
 def load_init_weights(model, file):
     """Load what fits: tensors with our names and shapes; mismatched or unknown ones are dropped with a warning
     (upstream's --init_from: strict=False after dropping mis-shaped keys)."""
-    sd = _official_state_dict(read_state_dict(str(file)))
+    sd = unwrap_state_dict(read_state_dict(str(file)))
     own = model.state_dict()
     fits = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     if not fits:
@@ -853,10 +853,11 @@ def parse_args(argv=None):
     g.add_argument("--micro-batch", type=int, default=None,
                    help="images per forward pass per rank (default: the whole local batch); the global batch is "
                    "micro-batch x accumulation steps x world size")
-    g.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (constant)")
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate, constant (default 2e-4; --toy: 1e-3)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--grad-clip", type=float, default=2.0, help="max global gradient norm")
-    g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (the official trainer: 0.95)")
+    g.add_argument("--ema-decay", type=float, default=None,
+                   help="EMA decay (default 0.9999; --toy: 0.999; the official trainer: 0.95)")
     g.add_argument("--no-ema-warmup", dest="ema_warmup", action="store_false",
                    help="use --ema-decay from the first update (default: min(decay, (1 + n) / (10 + n)))")
     g.add_argument("--caption-dropout", type=float, default=0.1, help="probability of the empty caption (for CFG)")
@@ -911,7 +912,7 @@ def finish_args(args):
     if args.model not in MODELS:
         raise UsageError(f"--model {args.model!r}: choose one of {', '.join(MODELS)}")
     preset = dict(STAGES[args.stage], save_every=2000, log_every=10, workers=min(4, os.cpu_count() or 1),
-                  checkpointing=True, threads=0)
+                  checkpointing=True, threads=0, lr=2e-4, ema_decay=0.9999)
     if args.model == "tiny":
         preset.update(TINY_STAGE, resolution=preset["resolution"] // 2)
     for k, v in preset.items():
@@ -1393,8 +1394,8 @@ def train_toy(args):
     argv = ["--model", "toy", "--data", str(data), "--out", str(work / "dit"), "--resolution", str(TOY_SIZE),
             "--autoencoder", made["autoencoder"], "--gemma", made["gemma"], "--system-prompt", "empty",
             "--cache", str(work / "cache"), "--global-batch", str(args.global_batch or 64),
-            "--steps", str(args.steps or 2200), "--lr", str(args.lr if args.lr != 2e-4 else 1e-3),
-            "--ema-decay", str(args.ema_decay if args.ema_decay != 0.9999 else 0.999), "--seed", str(args.seed),
+            "--steps", str(args.steps or 2200), "--lr", str(args.lr if args.lr is not None else 1e-3),
+            "--ema-decay", str(args.ema_decay if args.ema_decay is not None else 0.999), "--seed", str(args.seed),
             "--workers", "0", "--threads", str(torch.get_num_threads()), "--precision", "fp32",
             "--text-dtype", "fp32", "--save-every", "250", "--log-every", "50", "--keep", "2"]
     if (work / "dit" / "latest").is_file():

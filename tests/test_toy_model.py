@@ -1,6 +1,7 @@
 """The toy SVG-T2I: a short run of `train.py --toy` end to end, and the bundled model (assets/toy), which must follow
 its prompts (scored by toy.py's analyser) and must need its guidance to do so."""
 
+import json
 import os
 import subprocess
 import sys
@@ -27,10 +28,16 @@ def test_short_toy_training_writes_a_bundle_that_samples(tmp_path):
     assert (h, w, args.system_prompt) == (64, 64, "empty")       # the bundle's own sampling defaults
     summary = sample.score_toy(args, str(bundle), sample.pick_device("cpu"), torch.float32, h, w)
     assert set(summary) == set(toy.CATEGORIES) and all(0 <= v <= 1 for v in summary.values())
-    # the run can be continued (the DiT stage resumes; data, frozen parts and decoder are reused)
+    def recorded_args():
+        dit = tmp_path / "run" / "dit"
+        return json.loads((dit / (dit / "latest").read_text().strip() / "run.json").read_text())["args"]
+    assert (recorded_args()["lr"], recorded_args()["ema_decay"]) == (1e-3, 0.999)   # the toy's own recipe
+    # the run can be continued (the DiT stage resumes; data, frozen parts and decoder are reused); an explicit
+    # --lr equal to the general default is honoured, not mistaken for "use the toy default"
     train.main(["--toy", "--out", str(tmp_path / "run"), "--toy-images", "96", "--steps", "6", "--global-batch",
-                "16", "--bundle", str(bundle), "--resume"])
+                "16", "--bundle", str(bundle), "--resume", "--lr", "2e-4"])
     assert "ckpt-0000006" in (tmp_path / "run" / "dit" / "latest").read_text()
+    assert (recorded_args()["lr"], recorded_args()["ema_decay"]) == (2e-4, 0.999)
 
 
 def test_bundled_toy_cli(tmp_path):
