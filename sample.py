@@ -152,23 +152,37 @@ def resolve_settings(args, ckpt):
     return height, width
 
 
+def load_pipeline(args, ckpt, device, dtype):
+    """SVGT2I.from_pretrained with the command line's per-file overrides; prints the load time."""
+    from svgt2i import SVGT2I
+
+    t0 = time.time()
+    pipe = SVGT2I.from_pretrained(ckpt, args.gemma, device=device, dtype=dtype, dit=args.dit,
+                                  autoencoder=args.autoencoder, stats=args.stats)
+    print(f"loaded {ckpt} on {device} ({str(dtype).replace('torch.', '')}) in {time.time() - t0:.1f}s", file=sys.stderr)
+    return pipe
+
+
+def sampler_kwargs(args, height, width):
+    """The SVGT2I.generate arguments the command line sets, the same for every image."""
+    return dict(height=height, width=width, steps=args.steps, cfg_scale=args.cfg, shift=args.shift,
+                negative_prompt=args.negative, system_prompt=args.system_prompt, solver=args.solver,
+                renorm=args.renorm, cfg_trunc=args.cfg_trunc)
+
+
 def score_toy(args, ckpt, device, dtype, height, width):
     """The toy model's prompt-following score: held-out prompts of the shapes world, seeds seed + k, each image
     read back by toy.score (count, colour, shape, position)."""
     import toy
-    from svgt2i import SVGT2I
 
     if args.score < 1:
         raise UsageError("--score N needs N >= 1")
-    pipe = SVGT2I.from_pretrained(ckpt, args.gemma, device=device, dtype=dtype, dit=args.dit,
-                                  autoencoder=args.autoencoder, stats=args.stats)
+    pipe = load_pipeline(args, ckpt, device, dtype)
     prompts = toy.heldout_prompts(args.score)
     seed = args.seed if args.seed is not None else 0
     t0 = time.time()
-    images = pipe.generate(prompts, height=height, width=width, steps=args.steps, cfg_scale=args.cfg,
-                           shift=args.shift, seed=seed, negative_prompt=args.negative,
-                           system_prompt=args.system_prompt, solver=args.solver, renorm=args.renorm,
-                           cfg_trunc=args.cfg_trunc, batch_size=max(args.batch_size, 30))
+    images = pipe.generate(prompts, seed=seed, batch_size=max(args.batch_size, 30),
+                           **sampler_kwargs(args, height, width))
     summary = toy.summarise([toy.score(im, p) for im, p in zip(images, prompts)])
     print(f"{len(prompts)} held-out prompts, seed {seed}, cfg {args.cfg}, {args.steps} {args.solver} steps, "
           f"shift {args.shift} ({time.time() - t0:.1f}s)")
@@ -185,7 +199,7 @@ def score_toy(args, ckpt, device, dtype, height, width):
 
 
 def run(args):
-    from svgt2i import SVGT2I, find_weights, load_autoencoder
+    from svgt2i import find_weights, load_autoencoder
 
     ckpt = args.ckpt or (TOY_CKPT if args.toy else None)
     if ckpt is None:
@@ -230,10 +244,7 @@ def run(args):
     if n < 1 or args.steps < 1 or args.batch_size < 1:
         raise UsageError("--n, --steps and --batch-size must be positive")
 
-    t0 = time.time()
-    pipe = SVGT2I.from_pretrained(ckpt, args.gemma, device=device, dtype=dtype, dit=args.dit,
-                                  autoencoder=args.autoencoder, stats=args.stats)
-    print(f"loaded {ckpt} on {device} ({str(dtype).replace('torch.', '')}) in {time.time() - t0:.1f}s", file=sys.stderr)
+    pipe = load_pipeline(args, ckpt, device, dtype)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
     print(f"seed {seed}", file=sys.stderr)
 
@@ -248,11 +259,8 @@ def run(args):
               file=sys.stderr, flush=True)
 
     t0 = time.time()
-    images = pipe.generate(all_prompts, height=height, width=width, steps=args.steps, cfg_scale=args.cfg,
-                           shift=args.shift, seed=seed, negative_prompt=args.negative,
-                           system_prompt=args.system_prompt, solver=args.solver, renorm=args.renorm,
-                           cfg_trunc=args.cfg_trunc, batch_size=args.batch_size, offload=args.offload,
-                           progress=progress)
+    images = pipe.generate(all_prompts, seed=seed, batch_size=args.batch_size, offload=args.offload,
+                           progress=progress, **sampler_kwargs(args, height, width))
     for k, image in enumerate(images):
         i, j = divmod(k, n)
         path = paths[(i, j)]

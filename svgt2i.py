@@ -550,7 +550,8 @@ class SVGT2I:
 
 def train_tokenizer(texts, model_prefix, vocab_size=512):
     """Train a small sentencepiece BPE model with Gemma's conventions: <pad> 0, <eos> 1, <bos> 2, <unk> 3,
-    byte fallback, digits split, no dummy prefix, whitespace kept. Returns the .model path."""
+    byte fallback, digits split, no dummy prefix, whitespace kept. Returns the .model path (the .vocab listing
+    sentencepiece writes beside it is removed: nothing reads it)."""
     import sentencepiece as spm
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(list(texts)), model_prefix=model_prefix, model_type="bpe", vocab_size=vocab_size,
@@ -558,6 +559,7 @@ def train_tokenizer(texts, model_prefix, vocab_size=512):
         add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
         allow_whitespace_only_pieces=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
         eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", num_threads=1, minloglevel=2)
+    os.remove(model_prefix + ".vocab")
     return model_prefix + ".model"
 
 
@@ -619,7 +621,6 @@ def make_tiny_frozen(folder, texts, seed=0, dinov3_config=None, decoder_config=N
              **{"decoder." + k: v.detach().contiguous() for k, v in decoder.state_dict().items()}}
     save_file({k: v.contiguous() for k, v in ae_sd.items()}, os.path.join(folder, "autoencoder.safetensors"))
     tok = train_tokenizer(texts, os.path.join(folder, "tokenizer"))
-    os.remove(os.path.join(folder, "tokenizer.vocab"))
     import sentencepiece as spm
     vocab = spm.SentencePieceProcessor(model_file=tok).get_piece_size()
     gcfg = gemma_config or Gemma2Config.tiny(vocab_size=vocab, hidden_size=64, num_hidden_layers=2,

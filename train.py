@@ -94,8 +94,12 @@ STAGES = {
 # One intra-op thread: the tiny tensors gain nothing from more, and on a busy machine extra threads only spin.
 TINY_STAGE = dict(global_batch=16, steps=100, save_every=50, log_every=10, workers=0, checkpointing=False, threads=1)
 
-# The toy model's DiT (python train.py --toy): 4.3M parameters, 48-wide heads as 3 x 16 RoPE axes.
+# The toy model's DiT (python train.py --toy): 4.3M parameters, 48-wide heads as 3 x 16 RoPE axes, and its recipe
+# (--model toy): 64-px images (a 4 x 4 grid of DINOv3 patches), a higher lr and a shorter EMA for a 2,200-step run.
 TOY_DIT = dict(dim=192, n_layers=6, n_refiner_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=512, axes_dims=(16, 16, 16))
+TOY_SIZE = 64
+TOY_STAGE = dict(resolution=TOY_SIZE, global_batch=64, steps=2200, lr=1e-3, ema_decay=0.999, save_every=250,
+                 log_every=50, workers=0)
 MODELS = {"2b": NextDiTConfig.svg_t2i_2b, "0.8b": NextDiTConfig.svg_t2i_08b, "tiny": NextDiTConfig.tiny,
           "toy": lambda: NextDiTConfig(**TOY_DIT)}
 
@@ -853,11 +857,12 @@ def parse_args(argv=None):
     g.add_argument("--micro-batch", type=int, default=None,
                    help="images per forward pass per rank (default: the whole local batch); the global batch is "
                    "micro-batch x accumulation steps x world size")
-    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate, constant (default 2e-4; --toy: 1e-3)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="AdamW learning rate, constant (default 2e-4; --model toy: 1e-3)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--grad-clip", type=float, default=2.0, help="max global gradient norm")
     g.add_argument("--ema-decay", type=float, default=None,
-                   help="EMA decay (default 0.9999; --toy: 0.999; the official trainer: 0.95)")
+                   help="EMA decay (default 0.9999; --model toy: 0.999; the official trainer: 0.95)")
     g.add_argument("--no-ema-warmup", dest="ema_warmup", action="store_false",
                    help="use --ema-decay from the first update (default: min(decay, (1 + n) / (10 + n)))")
     g.add_argument("--caption-dropout", type=float, default=0.1, help="probability of the empty caption (for CFG)")
@@ -915,6 +920,8 @@ def finish_args(args):
                   checkpointing=True, threads=0, lr=2e-4, ema_decay=0.9999)
     if args.model == "tiny":
         preset.update(TINY_STAGE, resolution=preset["resolution"] // 2)
+    elif args.model == "toy":
+        preset.update(TOY_STAGE)
     for k, v in preset.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -1301,7 +1308,6 @@ class Meter:
 # -----------------------------------------------------------------------------------------------------------------
 # The toy model: every part of SVG-T2I, tiny, trained on the shapes world of toy.py in minutes on a CPU
 
-TOY_SIZE = 64                    # px: a 4 x 4 grid of DINOv3 patches
 TOY_SAMPLING = dict(steps=25, cfg=4.0, shift=2.0, solver="euler", system_prompt="empty")
 
 
@@ -1391,13 +1397,15 @@ def train_toy(args):
         atomic_write_text(frozen_json, json.dumps(made))
     made = json.loads(frozen_json.read_text())
 
-    argv = ["--model", "toy", "--data", str(data), "--out", str(work / "dit"), "--resolution", str(TOY_SIZE),
-            "--autoencoder", made["autoencoder"], "--gemma", made["gemma"], "--system-prompt", "empty",
-            "--cache", str(work / "cache"), "--global-batch", str(args.global_batch or 64),
-            "--steps", str(args.steps or 2200), "--lr", str(args.lr if args.lr is not None else 1e-3),
-            "--ema-decay", str(args.ema_decay if args.ema_decay is not None else 0.999), "--seed", str(args.seed),
-            "--workers", "0", "--threads", str(torch.get_num_threads()), "--precision", "fp32",
-            "--text-dtype", "fp32", "--save-every", "250", "--log-every", "50", "--keep", "2"]
+    # the DiT stage is an ordinary train() run of --model toy (its recipe: TOY_STAGE); the flags a user may set on
+    # the toy run override that recipe
+    argv = ["--model", "toy", "--data", str(data), "--out", str(work / "dit"), "--autoencoder", made["autoencoder"],
+            "--gemma", made["gemma"], "--system-prompt", "empty", "--cache", str(work / "cache"), "--seed",
+            str(args.seed), "--threads", str(torch.get_num_threads()), "--precision", "fp32", "--text-dtype", "fp32",
+            "--keep", "2"]
+    for name in ("global_batch", "steps", "lr", "ema_decay"):
+        if getattr(args, name) is not None:
+            argv += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     if (work / "dit" / "latest").is_file():
         argv.append("--resume")
     dit_args = finish_args(parse_args(argv))

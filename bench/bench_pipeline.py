@@ -76,7 +76,6 @@ def write_gemma(folder, seed=0, shard_bytes=4e9):
     tok = train_tokenizer(["a photo of a cat on a sofa", "two red apples on a wooden table at sunset"] * 50,
                           str(folder / "tokenizer"), vocab_size=300)
     os.replace(tok, folder / "tokenizer.model")
-    os.remove(folder / "tokenizer.vocab")
 
 
 def child(pre, gemma, dtype, resolutions, steps, threads):
@@ -135,7 +134,11 @@ def main():
         print(out.stderr, file=sys.stderr)
     lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
     res = json.loads(lines[-1]) if lines else {}
-    bf16_bytes = 2 * (2_611_246_336 + 2_614_341_888)
+    from gemma2 import Gemma2, Gemma2Config
+    from nextdit import NextDiT, NextDiTConfig
+    with torch.device("meta"):
+        bf16_bytes = 2 * sum(p.numel() for m in (NextDiT(NextDiTConfig.svg_t2i_2b()), Gemma2(Gemma2Config.gemma2_2b()))
+                             for p in m.parameters())
     if res:
         print(f"load ({a.dtype}): {res['load_s']:.1f}s, peak RssAnon {res['load_peak_rss_anon_gb']:.2f} GB "
               f"({res['load_peak_rss_anon_gb'] * GB / bf16_bytes:.2f}x the DiT + Gemma bf16 weight bytes)")

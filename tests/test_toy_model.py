@@ -28,6 +28,7 @@ def test_short_toy_training_writes_a_bundle_that_samples(tmp_path):
     assert (h, w, args.system_prompt) == (64, 64, "empty")       # the bundle's own sampling defaults
     summary = sample.score_toy(args, str(bundle), sample.pick_device("cpu"), torch.float32, h, w)
     assert set(summary) == set(toy.CATEGORIES) and all(0 <= v <= 1 for v in summary.values())
+
     def recorded_args():
         dit = tmp_path / "run" / "dit"
         return json.loads((dit / (dit / "latest").read_text().strip() / "run.json").read_text())["args"]

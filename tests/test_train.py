@@ -139,6 +139,8 @@ def test_stage_presets(stage, res, batch, steps, text, ratios):
     assert (b.resolution, b.max_text_len, b.caption_ratios, b.global_batch) == (320, 128, (1, 0, 0), 8)
     t = train.finish_args(train.parse_args(["--stage", str(stage), "--model", "tiny", "--data", "d", "--out", "o"]))
     assert t.resolution == res // 2 and t.max_text_len == text and not t.checkpointing
+    toy = train.finish_args(train.parse_args(["--stage", str(stage), "--model", "toy", "--data", "d", "--out", "o"]))
+    assert (toy.resolution, toy.global_batch, toy.steps, toy.lr, toy.ema_decay) == (64, 64, 2200, 1e-3, 0.999)
 
 
 def test_data_stream_is_independent_of_world_size():
