@@ -98,6 +98,7 @@ TINY_STAGE = dict(global_batch=16, steps=100, save_every=50, log_every=10, worke
 # (--model toy): 64-px images (a 4 x 4 grid of DINOv3 patches), a higher lr and a shorter EMA for a 2,200-step run.
 TOY_DIT = dict(dim=192, n_layers=6, n_refiner_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=512, axes_dims=(16, 16, 16))
 TOY_SIZE = 64
+TOY_BUNDLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy")   # what sample.py --toy reads
 TOY_STAGE = dict(resolution=TOY_SIZE, global_batch=64, steps=2200, lr=1e-3, ema_decay=0.999, save_every=250,
                  log_every=50, workers=0)
 MODELS = {"2b": NextDiTConfig.svg_t2i_2b, "0.8b": NextDiTConfig.svg_t2i_08b, "tiny": NextDiTConfig.tiny,
@@ -900,7 +901,7 @@ def parse_args(argv=None):
     g.add_argument("--toy", action="store_true", help="train the toy SVG-T2I on the shapes world (toy.py) on a CPU")
     g.add_argument("--toy-images", type=int, default=6000, help="training images of the shapes world")
     g.add_argument("--toy-decoder-steps", type=int, default=2000, help="decoder reconstruction steps (batch 16)")
-    g.add_argument("--bundle", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy"),
+    g.add_argument("--bundle", default=TOY_BUNDLE,
                    help="where --toy writes the finished model (the folder sample.py --toy reads)")
     # Test hooks: die by SIGKILL right after a step (to prove resume), save the averaged gradients of every step.
     p.add_argument("--kill-after-step", type=int, default=None, help=argparse.SUPPRESS)
@@ -1413,7 +1414,8 @@ def train_toy(args):
     LOG_FILE = work / "log.txt"
     write_toy_bundle(Path(args.bundle), work / "dit", made, str(work / "dit" / "latent_stats.pt"))
     log(f"toy model written to {args.bundle} ({fmt_time(time.time() - t_start)} in all)")
-    log("score it: python sample.py --toy --score")
+    shipped = os.path.abspath(args.bundle) == TOY_BUNDLE
+    log(f"score it: python sample.py {'--toy' if shipped else '--ckpt ' + str(args.bundle)} --score")
 
 
 def main(argv=None):
