@@ -5,10 +5,10 @@ that gives autoencoder-R its 8 extra latent channels. Plain PyTorch; imports onl
     latents [B, 384 (P) or 392 (R), h, w]  --Decoder-->  image [B, 3, 16h, 16w], unbounded, trained on [-1, 1]
     ImageNet-normalised image [B, 3, H, W] --ResidualViT--> residual channels [B, 8, H/16 * W/16]
 
-Module and parameter names mirror the official Lightning checkpoint (`decoder.*`, `extra_vit.*`), so loading
-is a prefix strip plus a strict, shape-checked load_state_dict.
+Module and parameter names mirror the official Lightning checkpoint (`decoder.*`, `extra_vit.*`), so the key
+maps at the end are a prefix strip; svgt2i.load_decoder / load_autoencoder read the file and load strictly.
 
-What the official checkpoint holds, and what we do with each part (see load_decoder / *_from_state_dict):
+What the official checkpoint holds, and what we do with each part:
     decoder.*                 -> Decoder (194 tensors).
     extra_vit.* (R only)      -> ResidualViT, except, ignored on purpose:
         extra_vit.head.*          a 1000-way classifier head left over from the DeiT it was built from; never called.
@@ -29,7 +29,6 @@ Official quirks, matched or fixed:
   actual grid (identical to upstream for every other shape, including 1024x1024).
 """
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -344,105 +343,40 @@ class ResidualViT(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Loading
+# The key maps (svgt2i.load_decoder / load_autoencoder open the file)
 
 
-def read_checkpoint(path):
-    """Open a checkpoint file without copying it: safetensors, or a torch file (mmap'd, weights_only).
-    A Lightning checkpoint is unwrapped to its `state_dict`. Returns {key: tensor} with the file's own keys."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            obj = load_file(path)
-        else:
-            try:
-                obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) torch.save format
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"{path}: cannot read checkpoint ({type(e).__name__}: {msg[:200]}); is the file complete "
-                         "and a torch/Lightning .ckpt/.pt/.pth or .safetensors file?") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: not a state dict (expected a Lightning checkpoint with 'state_dict', or a flat "
-                         "{name: tensor} dict)")
-    return obj
+def _names(keys, n=6):
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def _strip(sd, prefix, probe):
-    """Keys under `prefix` with the prefix removed; sd is returned as is if it is already stripped (has `probe`)."""
-    if probe in sd:
+def decoder_keymap(sd):
+    """The decoder's tensors under our names: `decoder.*` of an autoencoder checkpoint with the prefix removed,
+    or a decoder state dict that has no prefix. Every other prefix (encoder.*, extra_vit.*, norm_vit.*,
+    loss.*) is ignored here."""
+    if "conv_in.weight" in sd:
         return dict(sd)
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-
-
-def _fmt(names, n=8):
-    names = sorted(names)
-    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
-
-
-def _load_into(model, sd, what, prefix, ignored=(), keep_fp32=(), device="cpu", dtype=torch.float32):
-    """Check keys and shapes against the meta-built `model`, then move the tensors in with assign=True: no
-    second copy of the weights (an mmap'd fp32 file loaded as fp32 on CPU is used in place)."""
-    expected = model.state_dict()
-    sd = {k: v for k, v in sd.items() if k not in ignored}
-    missing = [prefix + k for k in expected if k not in sd]
-    unexpected = [prefix + k for k in sd if k not in expected]
-    misshaped = [f"{prefix}{k} {list(v.shape)} vs {list(expected[k].shape)}" for k, v in sd.items()
-                 if k in expected and v.shape != expected[k].shape]
-    if missing or unexpected or misshaped:
-        parts = [f"{label}: {_fmt(names)}" for label, names in
-                 (("missing", missing), ("unexpected", unexpected), ("wrong shape (file vs model)", misshaped)) if names]
-        raise ValueError(f"{what} weights do not match the official layout: " + "; ".join(parts))
-    sd = {k: v.to(device=device, dtype=torch.float32 if k in keep_fp32 else dtype) for k, v in sd.items()}
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model.eval()
-
-
-def decoder_from_state_dict(sd, device="cpu", dtype=torch.float32):
-    """Build the Decoder from its state dict (keys without `decoder.`; a full autoencoder state dict is accepted too,
-    its other prefixes are ignored). P or R and all sizes are inferred from the shapes."""
-    found = {k.split(".")[0] for k in sd}
-    sd = _strip(sd, "decoder.", probe="conv_in.weight")
-    if "conv_in.weight" not in sd:
-        raise ValueError(f"no decoder weights found (no 'decoder.conv_in.weight' or 'conv_in.weight'; keys start with "
-                         f"{_fmt(found, 6) or 'nothing'}): expected an SVG autoencoder checkpoint "
+    out = {k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")}
+    if "conv_in.weight" not in out:
+        found = {k.split(".")[0] for k in sd}
+        raise ValueError(f"no decoder weights found (no 'decoder.conv_in.weight' or 'conv_in.weight'; keys start "
+                         f"with {_names(found) or 'nothing'}): expected an SVG autoencoder checkpoint "
                          "(svg_autoencoder-P/R-stage*.ckpt) or a decoder state dict")
-    config = DecoderConfig.from_state_dict(sd)
-    with torch.device("meta"):
-        model = Decoder(config)
-    return _load_into(model, sd, "decoder", "decoder.", device=device, dtype=dtype)
+    return out
 
 
-def residual_vit_from_state_dict(sd, device="cpu", dtype=torch.float32, config=None):
-    """Build the autoencoder-R residual ViT from its state dict (keys without `extra_vit.`; a full autoencoder
-    state dict is accepted too). The learned RoPE `freqs` stay fp32 whatever `dtype` is: angles reach ~60 rad, which
-    bf16 cannot hold to better than a quarter turn."""
-    sd = _strip(sd, "extra_vit.", probe="cls_token")
+# Residual-ViT keys ignored on purpose (see the module docstring): the unused 1000-way `head` and the saved
+# 64x64-grid coordinates.
+RESIDUAL_VIT_IGNORED = ("head.weight", "head.bias", "freqs_t_x", "freqs_t_y")
+
+
+def residual_vit_keymap(sd):
+    """The residual ViT's tensors under our names: `extra_vit.*` with the prefix removed (or a state dict
+    without it), minus RESIDUAL_VIT_IGNORED."""
+    if "cls_token" not in sd:
+        sd = {k[len("extra_vit."):]: v for k, v in sd.items() if k.startswith("extra_vit.")}
     if "cls_token" not in sd:
         raise ValueError("no residual ViT weights found (no 'extra_vit.*' keys): this is not an autoencoder-R "
                          "checkpoint (autoencoder-P has no residual branch)")
-    config = config or ResidualViTConfig.from_state_dict(sd)
-    with torch.device("meta"):
-        model = ResidualViT(config)
-    # Ignored on purpose: the unused 1000-way `head` and the saved 64x64-grid coordinate buffers (see module doc).
-    return _load_into(model, sd, "residual ViT", "extra_vit.", ignored=("head.weight", "head.bias", "freqs_t_x",
-                      "freqs_t_y"), keep_fp32=("freqs",), device=device, dtype=dtype)
-
-
-def load_decoder(path, device="cpu", dtype=torch.float32):
-    """Load the pixel decoder from the official autoencoder checkpoint (Lightning .ckpt: `state_dict` -> `decoder.*`),
-    a plain decoder state dict (.pt/.pth) or a safetensors file (keys with or without `decoder.`). Everything else in
-    the file (encoder.*, extra_vit.*, norm_vit.*, loss.*) is ignored here. Returns the Decoder in eval mode."""
-    sd = read_checkpoint(path)
-    try:
-        return decoder_from_state_dict(sd, device=device, dtype=dtype)
-    except ValueError as e:
-        raise ValueError(f"{os.fspath(path)}: {e}") from None
+    return {k: v for k, v in sd.items() if k not in RESIDUAL_VIT_IGNORED}

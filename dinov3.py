@@ -11,11 +11,9 @@ Module and parameter names mirror the original checkpoint keys (`blocks.3.attn.q
 `load_dinov3` is a short explicit map from each official layout to ours.
 """
 
-import json
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +56,37 @@ class DINOv3Config:
     def tiny(cls) -> "DINOv3Config":
         """For tests: two blocks, but the real head size (64), so RoPE has the real 16 periods."""
         return cls(dim=128, depth=2, n_heads=2, ffn_dim=256)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict, hf_config: dict | None = None) -> "DINOv3Config":
+        """Read the config off the tensor shapes (our names), so tiny test checkpoints load through the same code.
+
+        The head count is the one thing shapes cannot give: it comes from the periods (head_dim = 4 * #periods),
+        else from HF config.json, else the released models' 64-dim heads.
+        """
+        dim = _shape(sd, "cls_token", -1, _shape(sd, "patch_embed.proj.weight", 0, 384))
+        blocks = {int(k.split(".")[1]) for k in sd if re.fullmatch(r"blocks\.\d+\..+", k)}
+        if "rope_embed.periods" in sd:
+            head_dim = 4 * sd["rope_embed.periods"].numel()
+        elif hf_config is not None:
+            head_dim = dim // hf_config.get("num_attention_heads", 6)  # 6: transformers' default
+        else:
+            head_dim = _HEAD_DIM_DEFAULT
+        if head_dim == 0 or dim % head_dim:
+            raise ValueError(f"cannot split width {dim} into heads of {head_dim} (from the RoPE periods or "
+                             "config.json): the checkpoint is inconsistent")
+        hf = hf_config or {}
+        return cls(
+            patch_size=_shape(sd, "patch_embed.proj.weight", -1, 16),
+            in_chans=_shape(sd, "patch_embed.proj.weight", 1, 3),
+            dim=dim,
+            depth=max(blocks) + 1 if blocks else 0,
+            n_heads=dim // head_dim,
+            ffn_dim=_shape(sd, "blocks.0.mlp.w1.weight", 0, 1536),
+            n_storage_tokens=_shape(sd, "storage_tokens", 1, 4),
+            rope_base=float(hf.get("rope_theta", 100.0)),  # HF defaults for keys a diff-saved config omits
+            norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
+        )
 
 
 def rope_periods(head_dim: int, base: float) -> torch.Tensor:
@@ -217,14 +246,14 @@ class DINOv3(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Loading. Three file layouts hold the same weights:
+# The key map. Three file layouts hold the same weights (svgt2i.load_dinov3 opens each):
 #   original  `dinov3_vits16plus_pretrain_lvd1689m-*.pth`: our names exactly, plus `mask_token` (dropped) and
 #             `blocks.N.attn.qkv.bias_mask` (folded into the bias);
 #   HF        `model.safetensors` (+ `config.json`): renamed keys, q/k/v split, no k bias, no periods;
 #   Lightning an SVG autoencoder `.ckpt` whose `state_dict` holds the original keys under `encoder.`.
 # ----------------------------------------------------------------------------------------------------------
 
-_HEAD_DIM_DEFAULT = 64  # the released ViTs S ... H+ have 64-dim heads (7B: 128); used when nothing says otherwise
+_HEAD_DIM_DEFAULT = 64  # the released ViTs S ... H+ have 64-dim heads (7B: 128)
 
 # HF (transformers) names -> ours. Per-block names are relative to `layer.N.` / `blocks.N.`.
 _HF_TOP = {
@@ -244,33 +273,17 @@ _HF_BLOCK = {
     "mlp.up_proj.weight": "mlp.w2.weight", "mlp.up_proj.bias": "mlp.w2.bias",
     "mlp.down_proj.weight": "mlp.w3.weight", "mlp.down_proj.bias": "mlp.w3.bias",
 }
+_HF_QKV = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "q_proj.bias", "v_proj.bias")
 # transformers <= 4.57 (the hub files) writes `layer.N.`, >= 5.0 writes `model.layer.N.`.
 _HF_LAYER = re.compile(r"(?:model\.)?layer\.(\d+)\.(.+)")
 
 
-class _Mismatch:
-    """Collects every key problem so that one error lists them all."""
-
-    def __init__(self):
-        self.missing, self.unexpected, self.misshaped = [], [], []
-
-    def raise_if_any(self, source: str):
-        if not (self.missing or self.unexpected or self.misshaped):
-            return
-        parts = [f"{what} {_listing(keys)}" for what, keys in
-                 [("missing keys:", self.missing), ("unexpected keys:", self.unexpected),
-                  ("mis-shaped keys:", self.misshaped)] if keys]
-        raise ValueError(f"{source} does not fit the DINOv3 architecture inferred from its shapes: "
-                         + "; ".join(parts) + ". Pass an unmodified DINOv3 ViT checkpoint (original .pth, "
-                         "Hugging Face model.safetensors, or an SVG autoencoder .ckpt)")
-
-
-def _listing(keys: list[str], limit: int = 8) -> str:
+def _listing(keys: list[str], limit: int = 5) -> str:
     more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
 
 
-def _from_original(sd: dict, bad: _Mismatch) -> dict:
+def _from_original(sd: dict, missing: list) -> dict:
     """Original layout -> ours: drop `mask_token`, fold `bias_mask` into the qkv bias."""
     out = {}
     for key, t in sd.items():
@@ -278,13 +291,11 @@ def _from_original(sd: dict, bad: _Mismatch) -> dict:
             continue
         if key.endswith(".attn.qkv.bias"):
             mask = sd.get(key + "_mask")
-            if mask is None:
-                # Required: without it we could not tell whether the stored k bias is meant to be used.
-                bad.missing.append(key + "_mask")
+            if mask is None:  # required: without it we cannot tell whether the k bias is meant to be used
+                missing.append(key + "_mask")
                 continue
             if mask.shape != t.shape:
-                bad.misshaped.append(f"{key}_mask {list(mask.shape)} (bias is {list(t.shape)})")
-                continue
+                raise ValueError(f"{key}_mask has shape {list(mask.shape)} but the bias {list(t.shape)}")
             if not torch.isfinite(mask).all():
                 raise ValueError(f"{key}_mask holds NaN/Inf: the file was saved from an uninitialised "
                                  "model (the official code leaves it NaN unless weights are loaded)")
@@ -293,77 +304,70 @@ def _from_original(sd: dict, bad: _Mismatch) -> dict:
     return out
 
 
-def _from_hf(sd: dict, bad: _Mismatch) -> dict:
+def _from_hf(sd: dict, missing: list) -> dict:
     """HF layout -> ours: rename, concatenate q/k/v (k has no bias in HF: zeros), drop `mask_token`."""
     out, qkv = {}, {}  # qkv[layer][name] collects the split projections of one block
     for key, t in sd.items():
+        m = _HF_LAYER.fullmatch(key)
         if key == "embeddings.mask_token":
             continue
         if key in _HF_TOP:
             out[_HF_TOP[key]] = t
-            continue
-        m = _HF_LAYER.fullmatch(key)
-        if m and m.group(2) in _HF_BLOCK:
+        elif m and m.group(2) in _HF_BLOCK:
             out[f"blocks.{m.group(1)}.{_HF_BLOCK[m.group(2)]}"] = t
-        elif m and m.group(2).startswith("attention.") and m.group(2)[10:] in (
-                "q_proj.weight", "k_proj.weight", "v_proj.weight", "q_proj.bias", "k_proj.bias", "v_proj.bias"):
-            qkv.setdefault(int(m.group(1)), {})[m.group(2)[10:]] = (key, t)
+        elif m and m.group(2).removeprefix("attention.") in _HF_QKV + ("k_proj.bias",):
+            qkv.setdefault(int(m.group(1)), {})[m.group(2).removeprefix("attention.")] = (key, t)
         else:
             out[key] = t  # left under its own name: reported as unexpected
     for i, parts in sorted(qkv.items()):
         prefix = parts[next(iter(parts))][0].rsplit("attention.", 1)[0]  # `layer.i.` or `model.layer.i.`
-        names = ["q_proj.weight", "k_proj.weight", "v_proj.weight", "q_proj.bias", "v_proj.bias"]
-        absent = [prefix + "attention." + n for n in names if n not in parts]
+        absent = [prefix + "attention." + n for n in _HF_QKV if n not in parts]
         if absent:
-            bad.missing.extend(absent)
+            missing.extend(absent)
             continue
-        q, k, v = (parts[n][1] for n in names[:3])
-        if not (q.shape == k.shape == v.shape):
-            bad.misshaped.append(f"{prefix}attention.q/k/v_proj.weight {list(q.shape)}, {list(k.shape)}, "
-                                 f"{list(v.shape)} (must be equal)")
-            continue
-        qb, vb = parts["q_proj.bias"][1], parts["v_proj.bias"][1]
+        q, k, v, qb, vb = (parts[n][1] for n in _HF_QKV)
         kb = parts["k_proj.bias"][1] if "k_proj.bias" in parts else torch.zeros_like(qb)
-        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([q, k, v], dim=0)  # [3*dim, dim], rows q | k | v
+        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([q, k, v], dim=0)  # [3 dim, dim], rows q | k | v
         out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([qb, kb, vb], dim=0)
     return out
 
 
+def dinov3_keymap(state_dict: dict, hf_config: dict | None = None, source: str = "state dict"):
+    """An original or HF state dict under our names -> (DINOv3Config, state dict, missing keys).
+
+    `missing` names the file's keys the map needed but did not find (a bias_mask, a q/k/v part), for
+    svgt2i.build to report together with every other key problem. `hf_config` is a parsed HF config.json
+    (head count, rope_theta, eps); without it an HF state dict gets 64-dim heads, base 100, eps 1e-5.
+    """
+    keys = list(state_dict)
+    if any(k.startswith("embeddings.") for k in keys):
+        layout = "hf"
+    elif "cls_token" in state_dict or any(k.startswith("blocks.") for k in keys):
+        layout = "original"
+    else:
+        raise ValueError(f"{source} is not a DINOv3 checkpoint: expected keys like 'cls_token', "
+                         "'blocks.0.attn.qkv.weight' (original) or 'embeddings.cls_token', "
+                         f"'layer.0.attention.q_proj.weight' (Hugging Face); found {_listing(keys) or 'none'}")
+    missing = []
+    if layout == "hf":
+        if hf_config is not None:
+            _check_hf_config(hf_config, source)
+        sd = _from_hf(state_dict, missing)
+        # HF files carry no periods (transformers recomputes inv_freq), so we compute them from the config with
+        # the official fp32 formula: the numbers transformers uses. The official .pth instead stores them
+        # rounded to bf16 (up to 0.2% off), so features from an HF file differ from the .pth ones by ~1e-3.
+        config = DINOv3Config.from_state_dict(sd, hf_config)
+        sd["rope_embed.periods"] = rope_periods(config.head_dim, config.rope_base)
+    else:
+        sd = _from_original(state_dict, missing)
+        config = DINOv3Config.from_state_dict(sd)
+    return config, sd, missing
+
+
 def _shape(sd: dict, key: str, axis: int, default: int) -> int:
-    """sd[key].shape[axis], or `default` when the key is absent or too flat (the key check reports it later)."""
+    """sd[key].shape[axis], or `default` when the key is absent or too flat (the key check reports it)."""
     t = sd.get(key)
     return t.shape[axis] if isinstance(t, torch.Tensor) and -t.ndim <= axis < t.ndim else default
-
-
-def _infer_config(sd: dict, hf_config: dict | None) -> DINOv3Config:
-    """Read the config off the tensor shapes (so tiny test checkpoints load through the same code).
-
-    Head count is the one thing shapes cannot give: it comes from the periods (head_dim = 4 * #periods),
-    else from HF config.json, else the released models' 64-dim heads.
-    """
-    dim = _shape(sd, "cls_token", -1, _shape(sd, "patch_embed.proj.weight", 0, 384))
-    blocks = {int(k.split(".")[1]) for k in sd if re.fullmatch(r"blocks\.\d+\..+", k)}
-    if "rope_embed.periods" in sd:
-        head_dim = 4 * sd["rope_embed.periods"].numel()
-    elif hf_config is not None:
-        head_dim = dim // hf_config.get("num_attention_heads", 6)  # 6: transformers' default
-    else:
-        head_dim = _HEAD_DIM_DEFAULT
-    if head_dim == 0 or dim % head_dim:
-        raise ValueError(f"cannot split width {dim} into heads of {head_dim} (from the RoPE periods or "
-                         "config.json): the checkpoint is inconsistent")
-    hf = hf_config or {}
-    return DINOv3Config(
-        patch_size=_shape(sd, "patch_embed.proj.weight", -1, 16),
-        in_chans=_shape(sd, "patch_embed.proj.weight", 1, 3),
-        dim=dim,
-        depth=max(blocks) + 1 if blocks else 0,
-        n_heads=dim // head_dim,
-        ffn_dim=_shape(sd, "blocks.0.mlp.w1.weight", 0, 1536),
-        n_storage_tokens=_shape(sd, "storage_tokens", 1, 4),
-        rope_base=float(hf.get("rope_theta", 100.0)),  # HF defaults for keys a diff-saved config omits
-        norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
-    )
 
 
 def _check_hf_config(hf_config: dict, source: str):
@@ -374,129 +378,18 @@ def _check_hf_config(hf_config: dict, source: str):
     act, gated = hf_config.get("hidden_act", "gelu"), hf_config.get("use_gated_mlp", False)
     if act != "silu" or not gated:
         raise ValueError(f"{source}: config.json has hidden_act={act!r}, use_gated_mlp={gated}; only the "
-                         "SwiGLU DINOv3 ViTs (hidden_act='silu', use_gated_mlp=true, e.g. ViT-S/16+) are supported")
+                         "SwiGLU DINOv3 ViTs (hidden_act='silu', use_gated_mlp=true, e.g. ViT-S/16+) "
+                         "are supported")
 
 
-def dinov3_from_state_dict(state_dict: dict, device="cpu", dtype: torch.dtype = torch.float32, *,
-                           hf_config: dict | None = None, source: str = "state dict") -> DINOv3:
-    """Build a DINOv3 from an already-opened state dict in the original or the HF key layout.
-
-    The config is inferred from shapes. Tensors are moved/cast one by one straight into `dtype` on `device`
-    (RoPE periods stay fp32) and assigned into a model built on the meta device, so weights are never held
-    twice. `hf_config` is a parsed HF config.json (head count, rope_theta, eps); without it an HF state dict
-    gets 64-dim heads, base 100, eps 1e-5. Returns the model in eval mode with requires_grad off.
-    """
-    keys = list(state_dict)
-    if any(k.startswith("embeddings.") for k in keys):
-        layout = "hf"
-    elif "cls_token" in state_dict or any(k.startswith("blocks.") for k in keys):
-        layout = "original"
-    else:
-        raise ValueError(f"{source} is not a DINOv3 checkpoint: expected keys like 'cls_token', "
-                         "'blocks.0.attn.qkv.weight' (original) or 'embeddings.cls_token', "
-                         f"'layer.0.attention.q_proj.weight' (Hugging Face); found {_listing(keys, 5) or 'none'}")
-    not_tensors = [k for k in keys if not isinstance(state_dict[k], torch.Tensor)]
-    if not_tensors:
-        raise ValueError(f"{source}: entries that are not tensors: {_listing(not_tensors)}")
-
-    bad = _Mismatch()
-    if layout == "hf":
-        if hf_config is not None:
-            _check_hf_config(hf_config, source)
-        sd = _from_hf(state_dict, bad)
-        # HF files carry no periods (transformers recomputes inv_freq), so we compute them from the config with
-        # the official fp32 formula: the same numbers transformers uses. The official .pth instead stores them
-        # rounded to bf16 (up to 0.2% off), so features from an HF file differ from the .pth ones by ~1e-3.
-        cfg = _infer_config(sd, hf_config)
-        sd["rope_embed.periods"] = rope_periods(cfg.head_dim, cfg.rope_base)
-    else:
-        sd = _from_original(state_dict, bad)
-        cfg = _infer_config(sd, None)
-
-    with torch.device("meta"):
-        model = DINOv3(cfg)
-    expected = model.state_dict()
-    bad.missing += [k for k in expected if k not in sd]
-    bad.unexpected += [k for k in sd if k not in expected]
-    bad.misshaped += [f"{k} {list(sd[k].shape)} (expected {list(expected[k].shape)})"
-                      for k in expected if k in sd and sd[k].shape != expected[k].shape]
-    bad.raise_if_any(source)
-
-    for k in list(sd):  # cast one tensor at a time: no second full copy of the weights
-        sd[k] = sd[k].to(device=device, dtype=torch.float32 if k == "rope_embed.periods" else dtype)
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
-
-
-def _read_torch(path: Path) -> dict:
-    try:  # mmap: tensors stay in the page cache until used; needs the zip format (torch >= 1.6 default)
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception:
-        try:  # legacy (non-zip) files cannot be memory-mapped
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            refused = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
-            if refused:  # a real checkpoint that pickles Python objects next to its tensors: never execute those
-                raise ValueError(f"{path} holds Python objects besides tensors ({refused[0].split('. ')[0]}); "
-                                 "if you trust the file, re-save only its weights: torch.save(torch.load(path, "
-                                 "weights_only=False)['state_dict'], 'weights.pth')") from None
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"could not read {path} as a PyTorch checkpoint ({first}): the file is corrupt, "
-                             "truncated or not a checkpoint") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict: not a DINOv3 checkpoint")
-    return obj
-
-
-def _read_safetensors(path: Path) -> dict:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise ValueError(f"could not read {path} as safetensors ({e}): the file is corrupt, truncated or "
-                         "not a safetensors file") from None
-
-
-def load_dinov3(path, device="cpu", dtype: torch.dtype = torch.float32) -> DINOv3:
-    """Load DINOv3 weights from any official layout; returns the model in eval mode, requires_grad off.
-
-    path: the original `.pth`; an HF `model.safetensors` file (a `config.json` of model_type dinov3_vit next
-    to it is used) or a folder holding both; or an SVG autoencoder Lightning `.ckpt` (its `encoder.*` keys).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"DINOv3 checkpoint not found: {path}")
-    folder = path.is_dir()
-    if folder:
-        if not (path / "model.safetensors").is_file():
-            raise FileNotFoundError(f"{path} is a folder without model.safetensors: pass the DINOv3 .pth file, "
-                                    "or a Hugging Face DINOv3 folder (config.json + model.safetensors)")
-        path = path / "model.safetensors"
-
-    if path.suffix == ".safetensors":
-        hf_config = None
-        config_file = path.parent / "config.json"
-        if config_file.is_file():
-            try:
-                hf_config = json.loads(config_file.read_text())
-            except (ValueError, UnicodeDecodeError) as e:
-                raise ValueError(f"{config_file} is not valid JSON ({e})") from None
-            # A folder's config.json describes its weights (checked later); next to a file we passed directly,
-            # it is used only if it describes a DINOv3 ViT.
-            if not folder and not (isinstance(hf_config, dict) and hf_config.get("model_type") == "dinov3_vit"):
-                hf_config = None
-            elif not isinstance(hf_config, dict):
-                raise ValueError(f"{config_file} is not a Hugging Face config (a JSON object)")
-        return dinov3_from_state_dict(_read_safetensors(path), device, dtype, hf_config=hf_config,
-                                      source=str(path))
-
-    sd = _read_torch(path)
-    if isinstance(sd.get("state_dict"), dict):  # a Lightning checkpoint: DINOv3 is the autoencoder's `encoder`
-        sd = {k[len("encoder."):]: v for k, v in sd["state_dict"].items() if k.startswith("encoder.")}
-        if not sd:
-            raise ValueError(f"{path} is a Lightning checkpoint without `encoder.*` keys, so it holds no DINOv3 "
-                             "weights: pass the DINOv3 .pth or an SVG autoencoder checkpoint")
-        return dinov3_from_state_dict(sd, device, dtype, source=f"{path} (encoder.*)")
-    return dinov3_from_state_dict(sd, device, dtype, source=str(path))
+def dinov3_official_state_dict(model: DINOv3) -> dict:
+    """The inverse of the key map: our weights in the original .pth layout. The k-bias mask is written back
+    as `bias_mask` (1 for q and v, 0 for k), the bias itself already holding zeros there."""
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    dim = model.config.dim
+    for k in list(sd):
+        if k.endswith("attn.qkv.bias"):
+            mask = torch.ones(3 * dim)
+            mask[dim:2 * dim] = 0
+            sd[k.replace(".bias", ".bias_mask")] = mask
+    return sd

@@ -2,8 +2,9 @@
 
 SVG-T2I feeds the DiT with `hidden_states[-2]` of the base Gemma-2 model (no LM head): the raw residual stream
 after the second-to-last decoder layer, for a right-padded batch that starts with BOS. This file is the decoder
-(embedding x sqrt(H), 26 sandwich-normed layers, final norm), the loader for the Hugging Face checkpoint folder,
-and a plain-sentencepiece tokenizer that reproduces the Hugging Face tokenizer as SVG-T2I calls it.
+(embedding x sqrt(H), 26 sandwich-normed layers, final norm), the key map of the Hugging Face checkpoint folder
+(svgt2i.load_gemma2 reads it) and its writer, and a plain-sentencepiece tokenizer that reproduces the Hugging
+Face tokenizer as SVG-T2I calls it.
 
 Every op is written in the order Hugging Face runs it, so that features match bit for bit in fp32 and bf16.
 """
@@ -11,12 +12,12 @@ Every op is written in the order Hugging Face runs it, so that features match bi
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -318,76 +319,40 @@ class Gemma2(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Loading the Hugging Face checkpoint folder
+# The key map (svgt2i.load_gemma2 reads the Hugging Face folder), and its inverse: writing such a folder
 
 
-def _shard_files(folder):
-    """{file path: [checkpoint keys]} from model.safetensors.index.json, or the single model.safetensors."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
-        files = {}
-        for key, name in weight_map.items():
-            files.setdefault(os.path.join(folder, name), []).append(key)
-        missing = sorted(os.path.basename(p) for p in files if not os.path.isfile(p))
-        if missing:
-            raise FileNotFoundError(f"{folder}: shards listed in model.safetensors.index.json are missing: {missing}")
-        return files
-    single = os.path.join(folder, "model.safetensors")
-    if os.path.isfile(single):
-        return {single: None}  # None: every key in the file
-    raise FileNotFoundError(f"{folder}: no model.safetensors.index.json or model.safetensors (expected a Hugging Face "
-                            f"google/gemma-2-2b folder)")
+def gemma2_keymap(sd):
+    """A Hugging Face Gemma-2 state dict -> ours: strip `model.` (Gemma2ForCausalLM, the official files; a
+    Gemma2Model file has no prefix) and drop `lm_head.weight`, which is tied to `embed_tokens`."""
+    return {k.removeprefix("model."): v for k, v in sd.items() if k != "lm_head.weight"}
 
 
-def load_gemma2(path, device="cpu", dtype=torch.bfloat16, attn_softcap=False):
-    """Load a Hugging Face Gemma-2 folder (config.json + sharded or single safetensors) as a frozen Gemma2 in eval mode.
+def gemma2_hub_config(c):
+    """A Gemma2Config as the Hub's config.json spells it."""
+    return {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "vocab_size": c.vocab_size,
+            "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim,
+            "query_pre_attn_scalar": c.query_pre_attn_scalar, "sliding_window": c.sliding_window,
+            "rope_theta": c.rope_theta, "rms_norm_eps": c.rms_norm_eps,
+            "attn_logit_softcapping": c.attn_logit_softcapping, "hidden_activation": "gelu_pytorch_tanh",
+            "hidden_act": "gelu_pytorch_tanh", "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
+            "torch_dtype": "float32"}
 
-    Keys may carry the `model.` prefix (Gemma2ForCausalLM, the official files) or not (Gemma2Model); `lm_head.weight`
-    (tied to the embedding) is ignored if present. The model is built on the meta device and each tensor is read and
-    cast straight to `dtype` on `device` one at a time, so fp32 shards never exist as a second full copy.
-    attn_softcap: see Gemma2Config.attn_softcap (default off, matching the features the SVG-T2I DiT was trained on)."""
-    folder = str(path)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"Gemma-2 folder not found: {folder} (expected config.json + model*.safetensors)")
-    config = Gemma2Config.from_json(folder, attn_softcap=attn_softcap)
-    with torch.device("meta"):
-        model = Gemma2(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
-    state, unexpected, bad_shape = {}, [], []
-    for file, keys in _shard_files(folder).items():
-        try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                absent = sorted(set(keys or ()) - set(f.keys()))
-                if absent:
-                    raise ValueError(f"{file}: keys listed for it in model.safetensors.index.json are absent: "
-                                     f"{absent[:8]} ({len(absent)})")
-                for key in (f.keys() if keys is None else keys):
-                    name = key[len("model."):] if key.startswith("model.") else key
-                    if name == "lm_head.weight":  # tied to embed_tokens; not used by the encoder
-                        continue
-                    if name not in expected or name in state:
-                        unexpected.append(key)
-                        continue
-                    shape = tuple(f.get_slice(key).get_shape())
-                    if shape != expected[name]:
-                        bad_shape.append(f"{key} {list(shape)} (expected {list(expected[name])})")
-                        continue
-                    state[name] = f.get_tensor(key).to(device=device, dtype=dtype)
-        except SafetensorError as e:
-            raise ValueError(f"{file}: cannot read as safetensors ({e})") from None
-    missing = sorted(set(expected) - set(state))
-    if missing or unexpected or bad_shape:
-        raise ValueError(f"{folder}: checkpoint does not match {config.num_hidden_layers}-layer Gemma-2 config: "
-                         f"missing {missing[:8]}{'...' if len(missing) > 8 else ''} ({len(missing)}), "
-                         f"unexpected {unexpected[:8]} ({len(unexpected)}), wrong shape {bad_shape[:8]}")
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+def save_gemma2_folder(model, folder, tokenizer_file=None):
+    """A Hugging Face style folder: config.json (Hub spelling), model.safetensors (`model.` keys) and
+    tokenizer.model, which svgt2i.load_gemma2 and Gemma2Tokenizer read."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(gemma2_hub_config(model.config), f, indent=2)
+    save_file({"model." + k: v.detach().float().contiguous() for k, v in model.state_dict().items()},
+              os.path.join(folder, "model.safetensors"))
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, os.path.join(folder, "tokenizer.model"))
+    return folder
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -455,3 +420,18 @@ class Gemma2Tokenizer:
             ids[b, :len(s)] = torch.tensor(s, dtype=torch.long)
             mask[b, :len(s)] = 1
         return ids, mask
+
+
+def train_tokenizer(texts, model_prefix, vocab_size=512):
+    """Train a small sentencepiece BPE model with Gemma's conventions (the tiny and toy text encoders): <pad> 0,
+    <eos> 1, <bos> 2, <unk> 3, byte fallback, digits split, no dummy prefix, whitespace kept. Returns the .model
+    path (the .vocab listing sentencepiece writes beside it is removed: nothing reads it)."""
+    import sentencepiece as spm
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(texts)), model_prefix=model_prefix, model_type="bpe", vocab_size=vocab_size,
+        hard_vocab_limit=False, character_coverage=1.0, byte_fallback=True, split_digits=True,
+        add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        allow_whitespace_only_pieces=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
+        eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", num_threads=1, minloglevel=2)
+    os.remove(model_prefix + ".vocab")
+    return model_prefix + ".model"

@@ -26,7 +26,6 @@ Where this code deliberately differs from the official implementation (same func
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -71,20 +70,15 @@ class NextDiTConfig:
         return min(self.dim, 1024)
 
     @classmethod
-    def svg_t2i_2b(cls):
-        """NextDiT_2B_GQA_patch1_Adaln_Refiner: 2,611,246,336 parameters, the released SVG-T2I model."""
-        return cls()
-
-    @classmethod
-    def svg_t2i_08b(cls):
-        """NextDiT_08B_GQA_patch1_Adaln_Refiner: 784,896,640 parameters (used by the 1-GPU training script)."""
-        return cls(dim=1152, n_layers=28, n_heads=16, n_kv_heads=8, ffn_dim=4608, axes_dims=(24, 24, 24))
+    def from_name(cls, name):
+        """A named preset from PRESETS: "2b", "0.8b", "tiny" or "toy"."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown NextDiT preset {name!r}: choose one of {', '.join(PRESETS)}")
+        return cls(**PRESETS[name])
 
     @classmethod
     def tiny(cls):
-        """A 0.24M-parameter model for tests; n_heads / n_kv_heads = 3 as in the 2B model."""
-        return cls(in_channels=8, dim=72, n_layers=2, n_refiner_layers=1, n_heads=6, n_kv_heads=2, ffn_dim=96,
-                   cap_feat_dim=32, axes_dims=(4, 4, 4))
+        return cls.from_name("tiny")
 
     @classmethod
     def from_state_dict(cls, sd):
@@ -113,6 +107,22 @@ class NextDiTConfig:
                    n_refiner_layers=count("noise_refiner"), n_heads=n_heads, n_kv_heads=(qkv_heads - n_heads) // 2,
                    ffn_dim=sd["layers.0.feed_forward.w1.weight"].shape[0],
                    cap_feat_dim=sd["cap_embedder.1.weight"].shape[1], axes_dims=(head_dim // 3,) * 3)
+
+
+# The named presets. Both released models split each head into three equal RoPE axes.
+PRESETS = {
+    # NextDiT_2B_GQA_patch1_Adaln_Refiner: 2,611,246,336 parameters, the released SVG-T2I model
+    "2b": dict(),
+    # NextDiT_08B_GQA_patch1_Adaln_Refiner: 784,896,640 parameters (the official 1-GPU training script)
+    "0.8b": dict(dim=1152, n_layers=28, n_heads=16, n_kv_heads=8, ffn_dim=4608, axes_dims=(24, 24, 24)),
+    # 0.24M parameters for tests; n_heads / n_kv_heads = 3 as in the 2B model
+    "tiny": dict(in_channels=8, dim=72, n_layers=2, n_refiner_layers=1, n_heads=6, n_kv_heads=2, ffn_dim=96,
+                 cap_feat_dim=32, axes_dims=(4, 4, 4)),
+    # the toy model (python train.py --toy): 48-wide heads as 3 x 16 RoPE axes; 4.5M parameters with the toy's
+    # 128 latent channels and 64-wide captions (train.py sets in_channels and cap_feat_dim from the encoders)
+    "toy": dict(dim=192, n_layers=6, n_refiner_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=512,
+                axes_dims=(16, 16, 16)),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -445,67 +455,20 @@ class NextDiT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Loading the official checkpoint
+# The key map (svgt2i.load_nextdit opens the file): the official names are ours; only wrappers are undone.
 
-# In a checkpoint folder: the trainer writes both. The official sampler (sample_svg_t2i.py) always loads
-# consolidated.00-of-01.pth, `--ema` or not, so we prefer it; pass the EMA file's path to load the EMA weights.
-CHECKPOINT_NAMES = ("consolidated.00-of-01.pth", "consolidated_ema.00-of-01.pth")
 # Key infixes written by FSDP / activation checkpointing / torch.compile wrappers; DDP adds a leading "module.".
 _WRAPPER_INFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
-def _find_checkpoint(path):
-    path = Path(path)
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise FileNotFoundError(f"NextDiT checkpoint {path} does not exist")
-    for name in CHECKPOINT_NAMES:
-        if (path / name).is_file():
-            return path / name
-    safetensors = sorted(path.glob("*.safetensors"))
-    if len(safetensors) == 1:
-        return safetensors[0]
-    raise FileNotFoundError(f"no NextDiT checkpoint in {path}: expected {' or '.join(CHECKPOINT_NAMES)} or exactly "
-                            f"one *.safetensors file (found {sorted(p.name for p in path.iterdir())[:10]})")
-
-
-def _to(t, device, dtype):
-    return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
-
-
-def _read_checkpoint(file, device, dtype):
-    """The file's contents: a state dict (safetensors: already converted, tensor by tensor) or a torch object."""
-    if file.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                return {k: _to(f.get_tensor(k), device, dtype) for k in f.keys()}
-        except Exception as e:
-            raise ValueError(f"cannot read {file} as safetensors (corrupt or truncated?): "
-                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    try:
-        # mmap: the tensors stay in the (reclaimable) page cache of the file until converted one by one.
-        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:
-        error = e
-    if "_use_new_zipfile_serialization" in str(error):  # not a zip-format file: legacy torch.save, or garbage
-        try:
-            return torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as e:
-            error = e
-    msg = str(error).splitlines()[0] if str(error) else type(error).__name__
-    raise ValueError(f"cannot read {file} as a torch checkpoint (corrupt or truncated?): {msg}") from None
-
-
-def unwrap_state_dict(obj):
-    """Unwrap {"model": sd} / {"ema": sd} / {"state_dict": sd} and strip wrapper prefixes from the keys."""
+def nextdit_keymap(obj):
+    """An official consolidated state dict -> ours: unwrap {"model": sd} / {"ema": sd} / {"state_dict": sd}
+    ("model" first: what the official sampler's --direct_ckpt path loads) and strip wrapper prefixes."""
     while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         inner = next((obj[k] for k in ("model", "ema", "state_dict") if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
             break
-        obj = inner  # "model" first: what the official sampler's --direct_ckpt path loads
+        obj = inner
     if not isinstance(obj, Mapping):
         raise ValueError(f"a NextDiT checkpoint must hold a state dict, got {type(obj).__name__}")
     sd = {}
@@ -519,38 +482,3 @@ def unwrap_state_dict(obj):
             raise ValueError(f"NextDiT checkpoint has {clean!r} twice once wrapper prefixes are stripped")
         sd[clean] = value
     return sd
-
-
-def _short(items, n=8):
-    return f"{items[:n]}{f' (+{len(items) - n} more)' if len(items) > n else ''}"
-
-
-def nextdit_from_state_dict(sd, device="cpu", dtype=torch.bfloat16):
-    """Build a NextDiT from an official state dict (config inferred from shapes), weights in `dtype`
-    (None: as stored). The model is built on the meta device and the converted tensors are assigned to it, one
-    tensor at a time, so only the target copy is ever materialised. Returned in eval mode."""
-    sd = unwrap_state_dict(sd)
-    config = NextDiTConfig.from_state_dict(sd)
-    with torch.device("meta"):
-        model = NextDiT(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    misshaped = [f"{k}: {tuple(sd[k].shape)} vs {expected[k]}" for k in expected
-                 if k in sd and tuple(sd[k].shape) != expected[k]]
-    if missing or unexpected or misshaped:
-        raise ValueError(f"NextDiT checkpoint does not match {config}: missing {_short(missing)}; unexpected "
-                         f"{_short(unexpected)}; mis-shaped {_short(misshaped)}")
-    model.load_state_dict({k: _to(v, device, dtype) for k, v in sd.items()}, strict=True, assign=True)
-    return model.eval()
-
-
-def load_nextdit(path, device="cpu", dtype=torch.bfloat16):
-    """Load a NextDiT from a checkpoint folder or file: official consolidated(_ema).00-of-01.pth (flat state dict,
-    or wrapped under "model"/"ema"; FSDP/checkpoint/DDP/compile key prefixes allowed) or .safetensors."""
-    file = _find_checkpoint(path)
-    obj = _read_checkpoint(file, device, dtype)
-    try:
-        return nextdit_from_state_dict(obj, device, dtype)
-    except ValueError as e:
-        raise ValueError(f"{file}: {e}") from None

@@ -21,13 +21,8 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TOY_CKPT = os.path.join(HERE, "assets", "toy")
 # The official evaluation scripts look for the prompt under these fields, in this order.
 PROMPT_FIELDS = ("refined_prompt", "prompt", "gpt_4_caption", "caption", "text", "description", "query")
-
-
-DEFAULTS = dict(steps=50, cfg=4.0, shift=10.0, solver="euler", system_prompt="base")
 
 
 class UsageError(Exception):
@@ -85,13 +80,13 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=None, help="images per prompt (default 1, or 4 with --layout geneval)")
     p.add_argument("--steps", type=int, default=None, help="model evaluations (default 50)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale, 1 = off (default 4.0)")
-    p.add_argument("--renorm", type=float, default=1.0, help="clip ||guided|| to renorm * ||cond|| (0 = plain CFG)")
-    p.add_argument("--cfg-trunc", type=float, default=100.0, help="guide only while t < this (official semantics)")
+    p.add_argument("--renorm", type=float, default=None, help="clip ||guided|| to renorm * ||cond|| (0 = plain CFG)")
+    p.add_argument("--cfg-trunc", type=float, default=None, help="guide only while t < this (official semantics)")
     p.add_argument("--shift", type=float, default=None, help="time shift (default 10, the official evaluation value)")
     p.add_argument("--solver", choices=["euler", "dpm"], default=None,
                    help="euler (the paper's sampler) or dpm (DPM-Solver++ 2M, the official scripts' default)")
     p.add_argument("--seed", type=int, default=None, help="image k uses seed + k (default: a random seed, printed)")
-    p.add_argument("--negative", default="", help="negative prompt (default: empty, without system prompt)")
+    p.add_argument("--negative", default=None, help="negative prompt (default: empty, without system prompt)")
     p.add_argument("--system-prompt", default=None, help="base (default), align, aesthetics, real, 4grid, empty, or a "
                    "literal")
     p.add_argument("--ckpt", default=None, help="checkpoint folder: the official pre-trained/ folder or a training "
@@ -135,15 +130,16 @@ def output_paths(args, n_prompts, n):
 
 def resolve_settings(args, ckpt):
     """Sampler settings: the command line, else the checkpoint's own defaults (run.json "sample", as the toy model
-    has), else DEFAULTS. Returns the image (height, width): --h/--w, else the checkpoint's resolution, else 1024."""
-    from svgt2i import check_image_size, checkpoint_folder
+    has), else svgt2i.Sampling's. Returns the image (height, width): --h/--w, else the checkpoint's resolution,
+    else 1024."""
+    from svgt2i import Sampling, check_image_size, checkpoint_folder
 
     run_info = {}
     run_json = os.path.join(checkpoint_folder(ckpt), "run.json")
     if os.path.isfile(run_json):
         with open(run_json) as f:
             run_info = json.load(f)
-    for k, v in {**DEFAULTS, **run_info.get("sample", {})}.items():
+    for k, v in {**vars(Sampling()), **run_info.get("sample", {})}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     height = args.h or run_info.get("resolution", 1024)
@@ -165,9 +161,9 @@ def load_pipeline(args, ckpt, device, dtype):
 
 def sampler_kwargs(args, height, width):
     """The SVGT2I.generate arguments the command line sets, the same for every image."""
-    return dict(height=height, width=width, steps=args.steps, cfg_scale=args.cfg, shift=args.shift,
-                negative_prompt=args.negative, system_prompt=args.system_prompt, solver=args.solver,
-                renorm=args.renorm, cfg_trunc=args.cfg_trunc)
+    from svgt2i import Sampling
+
+    return dict(height=height, width=width, sampling=Sampling(**{k: getattr(args, k) for k in Sampling.names()}))
 
 
 def score_toy(args, ckpt, device, dtype, height, width):
@@ -201,7 +197,9 @@ def score_toy(args, ckpt, device, dtype, height, width):
 def run(args):
     from svgt2i import find_weights, load_autoencoder
 
-    ckpt = args.ckpt or (TOY_CKPT if args.toy else None)
+    import toy
+
+    ckpt = args.ckpt or (toy.BUNDLE if args.toy else None)
     if ckpt is None:
         raise UsageError("no checkpoint: pass --ckpt pre-trained (the official release folder) and --gemma, "
                          "or --toy for the bundled toy model")

@@ -1,34 +1,39 @@
 """
-SVG-T2I, the glue: the autoencoder, latent normalisation, flow matching, samplers, guidance and the
-text-to-image pipeline. The four models live in their own files (dinov3.py, gemma2.py, nextdit.py,
-decoder.py); this file connects them.
+SVG-T2I, the glue: the method (flow matching, the samplers, guidance), the text-to-image pipeline, and the
+parts it connects: latent statistics, the autoencoder, text encoding, and one way to read a file. The four
+models live in their own files (dinov3.py, gemma2.py, nextdit.py, decoder.py), each with its key map.
 
 Conventions, written once here and used everywhere:
 - Code time t in [0, 1]: t = 0 is pure noise, t = 1 is data (the official code's convention; the paper's
   Eq. 1 labels the ends the other way round).
 - x_t = t * data + (1 - t) * noise, and the network predicts the velocity dx_t/dt = data - noise.
 - time_shift(t, s) = t / (t + s - s * t) moves time towards the noise end for s > 1.
-- Latents are [B, C, h, w] with h = H/16, w = W/16 (height first); images are [B, 3, H, W] in [-1, 1].
+- Latents are [B, C, h, w] with h = H/16, w = W/16 (height first), tokens row-major; images are [B, 3, H, W]
+  in [-1, 1] between modules, uint8 only at the file boundary.
 """
 
 import glob
 import json
 import math
 import os
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
-from decoder import Decoder, DecoderConfig, decoder_from_state_dict, residual_vit_from_state_dict
-from dinov3 import IMAGENET_MEAN, IMAGENET_STD, DINOv3, DINOv3Config, dinov3_from_state_dict, load_dinov3
-from gemma2 import Gemma2, Gemma2Config, Gemma2Tokenizer, load_gemma2
-from nextdit import load_nextdit
+from decoder import Decoder, DecoderConfig, ResidualViT, ResidualViTConfig, decoder_keymap, residual_vit_keymap
+from dinov3 import IMAGENET_MEAN, IMAGENET_STD, DINOv3, dinov3_keymap
+from gemma2 import Gemma2, Gemma2Config, Gemma2Tokenizer, gemma2_keymap
+from nextdit import NextDiT, NextDiTConfig, nextdit_keymap
 
 # -----------------------------------------------------------------------------------------------------------
-# Flow matching
+# The method, training half: flow matching on the straight path from noise to data
+
 
 def time_shift(t, shift):
     """Warp time towards the noise end: with shift s > 1 more of [0, 1] is spent at high noise."""
@@ -36,7 +41,7 @@ def time_shift(t, shift):
 
 
 def interpolate(noise, data, t):
-    """The straight path x_t = t * data + (1 - t) * noise; t is [B] (or a float)."""
+    """The straight path x_t = t * data + (1 - t) * noise; t is [B] (or a float, or a 0-d tensor)."""
     if torch.is_tensor(t) and t.dim() > 0:
         t = t.view(-1, *([1] * (data.dim() - 1)))
     return t * data + (1 - t) * noise
@@ -60,8 +65,19 @@ def sample_training_t(n, seq_len, generator=None, device="cpu"):
     return time_shift(t, training_shift(seq_len))
 
 
+def flow_matching_loss(model, x1, noise, t, cap_feats, cap_mask):
+    """The training objective, per sample: mean squared error between the model's velocity at
+    x_t = t x1 + (1 - t) noise and the target x1 - noise. x1 and noise are [B, C, h, w] or lists of
+    [C, h_i, w_i] (one aspect bucket per sample), t is [B]. Returns the B losses in fp32; the training
+    loss is their mean over the batch."""
+    xt = [interpolate(n, x, ti) for n, x, ti in zip(noise, x1, t)]          # B x [C, h_i, w_i]
+    pred = model(xt, t, cap_feats, cap_mask)                                # B x [C, h_i, w_i]
+    return torch.stack([F.mse_loss(p.float(), velocity_target(n, x)) for p, n, x in zip(pred, noise, x1)])
+
+
 # -----------------------------------------------------------------------------------------------------------
-# Samplers. `velocity(x, t)` is any function returning dx/dt at the float time t (code time, 0 = noise).
+# The method, sampling half. `velocity(x, t)` is any function returning dx/dt at the float code time t.
+
 
 def euler_times(steps, shift):
     """The Euler grid t_i = time_shift(i / steps), i = 0..steps. (The official ODE path builds the same grid
@@ -120,6 +136,7 @@ SAMPLERS = {"euler": euler_sample, "dpm": dpm_solver_sample}
 # -----------------------------------------------------------------------------------------------------------
 # Classifier-free guidance
 
+
 @dataclass
 class Guidance:
     """CFG settings. `scale` multiplies (cond - uncond): g = uncond + scale * (cond - uncond).
@@ -144,7 +161,7 @@ def guided_velocity(model, cap_feats, cap_mask, guidance, dtype=None):
             tt = torch.full((B,), t, device=x.device, dtype=torch.float32)
             return model(xin, tt, cap_feats[:B], cap_mask[:B]).to(x.dtype)
         tt = torch.full((2 * B,), t, device=x.device, dtype=torch.float32)
-        out = model(torch.cat([xin, xin]), tt, cap_feats, cap_mask).to(x.dtype)
+        out = model(torch.cat([xin, xin]), tt, cap_feats, cap_mask).to(x.dtype)   # [2B, C, h, w]
         cond, uncond = out.chunk(2)
         g = uncond + guidance.scale * (cond - uncond)
         if guidance.renorm > 0:
@@ -157,7 +174,96 @@ def guided_velocity(model, cap_feats, cap_mask, guidance, dtype=None):
 
 
 # -----------------------------------------------------------------------------------------------------------
+# The pipeline
+
+
+@dataclass
+class Sampling:
+    """How an image is sampled; the defaults are the official evaluation settings. sample.py's flags, and a
+    checkpoint's own run.json "sample" entry (the toy model has one), override them."""
+    steps: int = 50                 # model evaluations
+    cfg: float = 4.0                # guidance scale, 1 = off
+    shift: float = 10.0             # time shift of the sampling grid
+    solver: str = "euler"           # a key of SAMPLERS
+    system_prompt: str = "base"     # a key of SYSTEM_PROMPTS, or a literal
+    negative: str = ""              # negative prompt ("" = unconditional, without system prompt)
+    renorm: float = 1.0             # Guidance.renorm
+    cfg_trunc: float = 100.0        # Guidance.trunc
+
+    @classmethod
+    def names(cls):
+        return [f.name for f in fields(cls)]
+
+
+class SVGT2I:
+    """Text-to-image: Gemma-2 caption features -> NextDiT flow in normalised DINOv3 latent space -> decoder."""
+
+    def __init__(self, dit, autoencoder, stats, text_encoder, device="cpu", dtype=torch.bfloat16):
+        self.dit, self.autoencoder, self.stats, self.text_encoder = dit, autoencoder, stats, text_encoder
+        self.device, self.dtype = torch.device(device), dtype
+
+    @classmethod
+    def from_pretrained(cls, ckpt_dir, gemma_dir=None, device="cpu", dtype=torch.bfloat16, with_encoder=False,
+                        **overrides):
+        """Load the whole pipeline. The DiT and Gemma go to `dtype`; the decoder (and DINOv3) stay fp32,
+        which costs little (43M + 29M parameters) and keeps decoding exact.
+        `overrides`: dit=, autoencoder=, dinov3=, stats= file paths that replace what is found."""
+        files = find_weights(ckpt_dir, gemma_dir, **overrides)
+        dit = load_nextdit(files["dit"], device=device, dtype=dtype)
+        autoencoder = load_autoencoder(files["autoencoder"], dinov3_path=files["dinov3"], device=device,
+                                       dtype=torch.float32, encoder=with_encoder)
+        stats = load_latent_stats(files["stats"], channels=autoencoder.latent_channels)
+        if dit.config.in_channels != stats.channels:
+            raise ValueError(f"the DiT works on {dit.config.in_channels} channels but the autoencoder on "
+                             f"{stats.channels}: use the P autoencoder with the released DiT")
+        text = TextEncoder(load_tokenizer(files["gemma"]), load_gemma2(files["gemma"], device=device, dtype=dtype))
+        return cls(dit, autoencoder, stats, text, device=device, dtype=dtype)
+
+    def encode_text(self, prompts, system_prompt="base", negative_prompt="", guidance=True):
+        """Caption features for `prompts`, followed (with guidance) by one negative row per prompt.
+        The default negative is "" without a system prompt, as the official sampler and as caption dropout
+        in training; a non-empty negative gets the system prompt like a prompt does."""
+        sp = system_prompt_text(system_prompt)
+        texts = [sp + p for p in prompts]
+        if guidance:
+            texts += [sp + negative_prompt if negative_prompt else ""] * len(prompts)
+        return self.text_encoder(texts)
+
+    @torch.no_grad()
+    def generate(self, prompts, height=1024, width=1024, seed=0, sampling=None, batch_size=1, offload=False,
+                 progress=None, **overrides):
+        """Generate one image per prompt. `sampling` (a Sampling) and `overrides` (its field names, e.g.
+        steps=25, cfg=2.0) set the sampler. Image k starts from randn(1, C, H/16, W/16) drawn on the CPU with
+        seed + k, so a seed gives the same image on any device and in any batch."""
+        s = replace(sampling or Sampling(), **overrides)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        check_image_size(height, width)
+        if s.solver not in SAMPLERS:
+            raise ValueError(f"unknown solver {s.solver!r}: choose one of {', '.join(SAMPLERS)}")
+        guidance = Guidance(s.cfg, s.renorm, s.cfg_trunc)
+        feats, mask = self.encode_text(prompts, s.system_prompt, s.negative, guidance.active)
+        if offload:   # free accelerator memory for the DiT: Gemma's work is done
+            self.text_encoder.model.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        feats, mask = feats.to(self.device, self.dtype), mask.to(self.device)
+        n, C = len(prompts), self.dit.config.in_channels
+        images = []
+        for start in range(0, n, batch_size):
+            idx = list(range(start, min(start + batch_size, n)))
+            rows = idx + [n + i for i in idx] if guidance.active else idx
+            noise = torch.cat([torch.randn([1, C, height // 16, width // 16],
+                                           generator=torch.Generator().manual_seed(seed + k)) for k in idx])
+            velocity = guided_velocity(self.dit, feats[rows], mask[rows], guidance, dtype=self.dtype)
+            cb = (lambda i, N: progress(idx, i, N)) if progress else None
+            z = SAMPLERS[s.solver](velocity, noise.to(self.device), s.steps, s.shift, callback=cb)
+            images += tensor_to_images(self.autoencoder.decode(self.stats.denormalize(z)))
+        return images
+
+
+# -----------------------------------------------------------------------------------------------------------
 # Latent statistics: the DiT sees per-channel normalised DINOv3 features
+
 
 class LatentStats:
     """Per-channel mean and std of the DINOv3 features, [C] each.
@@ -193,11 +299,8 @@ def load_latent_stats(path, channels=384, layer=-1):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"latent statistics file not found: {path} "
                                 "(expected dinov3_s16p_layer_patchtoken_stats_dist.pt)")
-    try:
-        d = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read latent statistics ({type(e).__name__}: {e})") from None
-    if not isinstance(d, dict) or "mean" not in d or "std" not in d:
+    d = _read_torch(path)
+    if not isinstance(d, dict) or not torch.is_tensor(d.get("mean")) or not torch.is_tensor(d.get("std")):
         raise ValueError(f"{path}: not a latent statistics file (expected a dict with 'mean' and 'std')")
     mean, std = d["mean"].float(), d["std"].float()
     if mean.dim() == 1:
@@ -221,7 +324,8 @@ class StatsAccumulator:
     def update(self, features):
         f = features.detach().double().transpose(0, 1).flatten(1)      # [C, B*h*w]
         if self.sum is None:
-            self.sum, self.sumsq = torch.zeros(f.shape[0], dtype=torch.float64), torch.zeros(f.shape[0], dtype=torch.float64)
+            self.sum = torch.zeros(f.shape[0], dtype=torch.float64)
+            self.sumsq = torch.zeros(f.shape[0], dtype=torch.float64)
         self.n += f.shape[1]
         self.sum += f.sum(1).cpu()
         self.sumsq += (f * f).sum(1).cpu()
@@ -236,6 +340,7 @@ class StatsAccumulator:
 # -----------------------------------------------------------------------------------------------------------
 # The autoencoder: frozen DINOv3 encoder (+ residual ViT for R) and the pixel decoder
 
+
 def match_distribution(h, h_res):
     """Autoencoder-R: rescale the residual channels [B, 8, N] to the DINO features' scalar statistics
     (per-channel mean / unbiased std over batch and tokens, averaged over channels; detached)."""
@@ -248,8 +353,8 @@ def match_distribution(h, h_res):
 
 def check_image_size(height, width):
     if height % 16 or width % 16 or height <= 0 or width <= 0:
-        raise ValueError(f"image size {height}x{width} (HxW) is not a multiple of 16: use sizes divisible by 16, "
-                         f"e.g. {max(16, round(height / 16) * 16)}x{max(16, round(width / 16) * 16)}")
+        raise ValueError(f"image size {height}x{width} (HxW) is not a multiple of 16: use sizes divisible by "
+                         f"16, e.g. {max(16, round(height / 16) * 16)}x{max(16, round(width / 16) * 16)}")
 
 
 class Autoencoder(nn.Module):
@@ -278,7 +383,7 @@ class Autoencoder(nn.Module):
         h = self.encoder(x.to(dtype)).transpose(1, 2)                          # [B, N, 384] -> [B, 384, N]
         if self.residual is not None:
             h_res = self.residual(x.to(dtype))                                  # [B, 8, N]
-            h = torch.cat([h, match_distribution(h, h_res)], dim=1)
+            h = torch.cat([h, match_distribution(h, h_res)], dim=1)            # [B, 392, N]
         return h.reshape(B, -1, H // 16, W // 16)                               # row-major tokens
 
     def decode(self, latents):
@@ -294,58 +399,6 @@ class Autoencoder(nn.Module):
         image = image.convert("RGB").crop((0, 0, w - w % 16, h - h % 16))
         x = images_to_tensor([image], self.pixel_mean.device)
         return tensor_to_images(self.decode(self.encode(x)))[0]
-
-
-def read_state_dict(path):
-    """Open a checkpoint without copying it: safetensors, or a torch file mmap'd with weights_only.
-    Lightning checkpoints are unwrapped to their `state_dict`."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            return load_file(path)
-        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path}: not a state dict")
-    return sd
-
-
-def sub_state_dict(sd, prefix):
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-
-
-def load_autoencoder(path, dinov3_path=None, device="cpu", dtype=torch.float32, encoder=True):
-    """Build the SVG autoencoder from the official Lightning checkpoint (or a safetensors file with the same
-    keys). `decoder.*` -> Decoder (P or R inferred from conv_in), `extra_vit.*` -> residual ViT (R),
-    `encoder.*` -> DINOv3 when present, else from `dinov3_path`. Ignored on purpose: `loss.*` (LPIPS and the
-    discriminator, training only), `norm_vit.*` (built upstream but never used) and `extra_vit.head.*` (an
-    unused 1000-way classifier head left over from the ViT). encoder=False skips DINOv3 (sampling only)."""
-    sd = read_state_dict(path)
-    dec_sd = sub_state_dict(sd, "decoder.")
-    if not dec_sd:
-        raise ValueError(f"{path}: no 'decoder.*' keys: not an SVG autoencoder checkpoint "
-                         "(expected autoencoder/svg_autoencoder-P-stage3.ckpt or similar)")
-    decoder = decoder_from_state_dict(dec_sd, device=device, dtype=dtype)
-    residual = None
-    res_sd = sub_state_dict(sd, "extra_vit.")
-    if res_sd:
-        residual = residual_vit_from_state_dict(res_sd, device=device, dtype=dtype)
-    if decoder.config.z_channels > 384 and residual is None:
-        raise ValueError(f"{path}: the decoder takes {decoder.config.z_channels} channels but the checkpoint "
-                         "has no residual ViT ('extra_vit.*' keys)")
-    dino = None
-    if encoder:
-        enc_sd = sub_state_dict(sd, "encoder.")
-        if enc_sd:
-            dino = dinov3_from_state_dict(enc_sd, device=device, dtype=dtype)
-        elif dinov3_path is not None:
-            dino = load_dinov3(dinov3_path, device=device, dtype=dtype)
-    return Autoencoder(decoder, dino, residual).eval()
 
 
 def images_to_tensor(images, device="cpu"):
@@ -403,6 +456,13 @@ class TextEncoder:
         return feats, mask.bool()
 
 
+def load_tokenizer(gemma_dir):
+    tok_file = os.path.join(gemma_dir, "tokenizer.model")
+    if not os.path.isfile(tok_file):
+        raise FileNotFoundError(f"{tok_file} not found: the Gemma folder needs its sentencepiece tokenizer.model")
+    return Gemma2Tokenizer(tok_file)
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Finding the weights
 
@@ -411,8 +471,8 @@ DOWNLOAD_HINT = ("the official weights are published with the SVG-T2I release (g
 
 
 def _first(folder, patterns, unique=False):
-    """The first pattern that matches wins; among its matches the last in sorted order (the highest stage), or,
-    with unique=True, an error if there are several."""
+    """The first pattern that matches wins; among its matches the last in sorted order (the highest stage),
+    or, with unique=True, an error if there are several."""
     for pat in patterns:
         hits = sorted(glob.glob(os.path.join(folder, pat)))
         if len(hits) > 1 and unique:
@@ -423,7 +483,8 @@ def _first(folder, patterns, unique=False):
 
 
 def checkpoint_folder(path):
-    """A training run's folder (OUT/, holding `latest`) stands for its newest checkpoint; any other folder for itself."""
+    """A training run's folder (OUT/, holding `latest`) stands for its newest checkpoint; any other folder for
+    itself."""
     if os.path.isfile(os.path.join(path, "latest")):
         with open(os.path.join(path, "latest")) as f:
             return os.path.join(path, f.read().strip())
@@ -444,17 +505,17 @@ def find_weights(ckpt_dir, gemma_dir=None, dit=None, autoencoder=None, dinov3=No
         with open(os.path.join(ckpt_dir, "run.json")) as f:
             run = {k: (v if v is None or os.path.isabs(v) else os.path.join(ckpt_dir, v))
                    for k, v in json.load(f).get("frozen", {}).items()}
+    dits = ["ema.safetensors", "model.safetensors", "consolidated.00-of-01.pth", "consolidated_ema.00-of-01.pth",
+            "dit-*/consolidated.00-of-01.pth", "dit-*/consolidated_ema.00-of-01.pth"]
+    autoencoders = ["autoencoder.safetensors", "autoencoder/svg_autoencoder-P-*.ckpt",
+                    "autoencoder/svg_autoencoder*.ckpt", "autoencoder/*.ckpt"]
     found = {
-        "dit": dit or _first(ckpt_dir, ["ema.safetensors", "model.safetensors", "consolidated.00-of-01.pth",
-                                        "consolidated_ema.00-of-01.pth", "dit-*/consolidated.00-of-01.pth",
-                                        "dit-*/consolidated_ema.00-of-01.pth"], unique=True),
-        "autoencoder": autoencoder or _first(ckpt_dir, ["autoencoder.safetensors", "autoencoder/svg_autoencoder-P-*.ckpt",
-                                                        "autoencoder/svg_autoencoder*.ckpt", "autoencoder/*.ckpt"])
-                       or run.get("autoencoder"),
+        "dit": dit or _first(ckpt_dir, dits, unique=True),
+        "autoencoder": autoencoder or _first(ckpt_dir, autoencoders) or run.get("autoencoder"),
         "dinov3": dinov3 or _first(ckpt_dir, ["dinov3.safetensors", "dinov3_vits16plus_pretrain_lvd1689m-*.pth"])
-                  or run.get("dinov3"),
+        or run.get("dinov3"),
         "stats": stats or _first(ckpt_dir, ["latent_stats.pt", "dinov3_s16p_layer_patchtoken_stats_dist.pt"])
-                 or run.get("stats"),
+        or run.get("stats"),
         "gemma": gemma_dir or _first(ckpt_dir, ["text_encoder", "gemma-2-2b"]) or run.get("gemma"),
     }
     expected = {
@@ -465,166 +526,317 @@ def find_weights(ckpt_dir, gemma_dir=None, dit=None, autoencoder=None, dinov3=No
         "gemma": "a Gemma-2-2B folder (config.json, model*.safetensors, tokenizer.model), passed as --gemma",
     }
     for key in need:
-        what = expected[key]
         if found[key] is None:
-            raise FileNotFoundError(f"{ckpt_dir}: no {key} weights found; expected {what} ({DOWNLOAD_HINT})")
+            raise FileNotFoundError(f"{ckpt_dir}: no {key} weights found; expected {expected[key]} "
+                                    f"({DOWNLOAD_HINT})")
         if not os.path.exists(found[key]):
             raise FileNotFoundError(f"{key} weights not found: {found[key]} ({DOWNLOAD_HINT})")
     return found
 
 
 # -----------------------------------------------------------------------------------------------------------
-# The pipeline
-
-class SVGT2I:
-    """Text-to-image: Gemma-2 caption features -> NextDiT flow in normalised DINOv3 latent space -> decoder."""
-
-    def __init__(self, dit, autoencoder, stats, text_encoder, device="cpu", dtype=torch.bfloat16):
-        self.dit, self.autoencoder, self.stats, self.text_encoder = dit, autoencoder, stats, text_encoder
-        self.device, self.dtype = torch.device(device), dtype
-
-    @classmethod
-    def from_pretrained(cls, ckpt_dir, gemma_dir=None, device="cpu", dtype=torch.bfloat16, with_encoder=False,
-                        **overrides):
-        """Load the whole pipeline. The DiT and Gemma go to `dtype`; the decoder (and DINOv3) stay fp32,
-        which costs little (43M + 29M parameters) and keeps decoding exact.
-        `overrides`: dit=, autoencoder=, dinov3=, stats= file paths that replace what is found."""
-        files = find_weights(ckpt_dir, gemma_dir, **overrides)
-        dit = load_nextdit(files["dit"], device=device, dtype=dtype).eval()
-        autoencoder = load_autoencoder(files["autoencoder"], dinov3_path=files["dinov3"], device=device,
-                                       dtype=torch.float32, encoder=with_encoder)
-        stats = load_latent_stats(files["stats"], channels=autoencoder.latent_channels)
-        if dit.config.in_channels != stats.channels:
-            raise ValueError(f"the DiT works on {dit.config.in_channels} channels but the autoencoder on "
-                             f"{stats.channels}: use the P autoencoder with the released DiT")
-        tok_file = os.path.join(files["gemma"], "tokenizer.model")
-        if not os.path.isfile(tok_file):
-            raise FileNotFoundError(f"{tok_file} not found: the Gemma folder needs its sentencepiece tokenizer.model")
-        text = TextEncoder(Gemma2Tokenizer(tok_file), load_gemma2(files["gemma"], device=device, dtype=dtype).eval())
-        return cls(dit, autoencoder, stats, text, device=device, dtype=dtype)
-
-    def encode_text(self, prompts, system_prompt="base", negative_prompt="", guidance=True):
-        """Caption features for `prompts`, followed (with guidance) by one negative row per prompt.
-        The default negative is "" without a system prompt, as the official sampler and as caption dropout
-        in training; a non-empty negative gets the system prompt like a prompt does."""
-        sp = system_prompt_text(system_prompt)
-        texts = [sp + p for p in prompts]
-        if guidance:
-            texts += [sp + negative_prompt if negative_prompt else ""] * len(prompts)
-        return self.text_encoder(texts)
-
-    @torch.no_grad()
-    def generate(self, prompts, height=1024, width=1024, steps=50, cfg_scale=4.0, shift=10.0, seed=0,
-                 negative_prompt="", system_prompt="base", solver="euler", renorm=1.0, cfg_trunc=100.0,
-                 batch_size=1, offload=False, progress=None):
-        """Generate one image per prompt; image k starts from randn(1, C, H/16, W/16) drawn on the CPU with
-        seed + k, so a seed gives the same image on any device and in any batch."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        check_image_size(height, width)
-        if solver not in SAMPLERS:
-            raise ValueError(f"unknown solver {solver!r}: choose one of {', '.join(SAMPLERS)}")
-        guidance = Guidance(cfg_scale, renorm, cfg_trunc)
-        feats, mask = self.encode_text(prompts, system_prompt, negative_prompt, guidance.active)
-        if offload:   # free accelerator memory for the DiT: Gemma's work is done
-            self.text_encoder.model.to("cpu")
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-        feats, mask = feats.to(self.device, self.dtype), mask.to(self.device)
-        n, C = len(prompts), self.dit.config.in_channels
-        images = []
-        for start in range(0, n, batch_size):
-            idx = list(range(start, min(start + batch_size, n)))
-            rows = idx + [n + i for i in idx] if guidance.active else idx
-            noise = torch.cat([torch.randn([1, C, height // 16, width // 16],
-                                           generator=torch.Generator().manual_seed(seed + k)) for k in idx])
-            velocity = guided_velocity(self.dit, feats[rows], mask[rows], guidance, dtype=self.dtype)
-            cb = (lambda i, N: progress(idx, i, N)) if progress else None
-            z = SAMPLERS[solver](velocity, noise.to(self.device), steps, shift, callback=cb)
-            images += tensor_to_images(self.autoencoder.decode(self.stats.denormalize(z)))
-        return images
+# Loading: one reader for every file, one strict build for every model. Each loader is read -> key map (in
+# the model's own file) -> build; the model is made on the meta device and each tensor is cast straight into
+# its target dtype, so loading never holds two copies of the weights.
 
 
-# -----------------------------------------------------------------------------------------------------------
-# Tiny frozen parts, written in the formats the loaders read (the tiny training preset and the toy model)
-
-def train_tokenizer(texts, model_prefix, vocab_size=512):
-    """Train a small sentencepiece BPE model with Gemma's conventions: <pad> 0, <eos> 1, <bos> 2, <unk> 3,
-    byte fallback, digits split, no dummy prefix, whitespace kept. Returns the .model path (the .vocab listing
-    sentencepiece writes beside it is removed: nothing reads it)."""
-    import sentencepiece as spm
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(texts)), model_prefix=model_prefix, model_type="bpe", vocab_size=vocab_size,
-        hard_vocab_limit=False, character_coverage=1.0, byte_fallback=True, split_digits=True,
-        add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
-        allow_whitespace_only_pieces=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
-        eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", num_threads=1, minloglevel=2)
-    os.remove(model_prefix + ".vocab")
-    return model_prefix + ".model"
+def _first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
-def dinov3_official_state_dict(model):
-    """Our DINOv3's weights in the original .pth layout: the k-bias mask is written back out as
-    `bias_mask` (1 for q and v, 0 for k), the bias itself already holding zeros there."""
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    dim = model.config.dim
-    for k in list(sd):
-        if k.endswith("attn.qkv.bias"):
-            mask = torch.ones(3 * dim)
-            mask[dim:2 * dim] = 0
-            sd[k.replace(".bias", ".bias_mask")] = mask
+def _read_torch(path):
+    """torch.load, memory-mapped and weights_only; a legacy (non-zip) file is read whole."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        error = e
+    if "_use_new_zipfile_serialization" in str(error):   # not a zip file: a legacy torch.save, or not torch
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            error = e
+    refused = [line.strip() for line in str(error).splitlines() if "Unsupported global" in line]
+    if refused:   # a real checkpoint that pickles Python objects next to its tensors: never execute those
+        raise ValueError(f"{path} holds Python objects besides tensors ({refused[0].split('. ')[0]}); if you "
+                         "trust the file, re-save only its weights: torch.save(torch.load(path, "
+                         "weights_only=False)['state_dict'], 'weights.pth')") from None
+    zip_error = str(error).split(". ")[0] if "PytorchStreamReader" in str(error) else ""
+    raise ValueError(f"{path}: cannot read checkpoint: not a torch checkpoint, or corrupt or truncated"
+                     + (f" ({zip_error})" if zip_error else "")) from None
+
+
+def _read_safetensors(path):
+    from safetensors.torch import load_file
+    try:
+        return load_file(path)          # memory-mapped: tensors stay in the page cache until cast
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read checkpoint: not a safetensors file, or corrupt or truncated "
+                         f"({_first_line(e)})") from None
+
+
+def _read_hf_folder(folder):
+    """A Hugging Face folder: model.safetensors, or the shards its model.safetensors.index.json lists."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if not os.path.isfile(index):
+        single = os.path.join(folder, "model.safetensors")
+        if not os.path.isfile(single):
+            raise FileNotFoundError(f"{folder}: no model.safetensors.index.json or model.safetensors (expected a "
+                                    "Hugging Face checkpoint folder)")
+        return _read_safetensors(single)
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+    absent = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+    if absent:
+        raise FileNotFoundError(f"{folder}: shards listed in model.safetensors.index.json are missing: {absent}")
+    sd = {}
+    for shard in shards:
+        part = _read_safetensors(os.path.join(folder, shard))
+        listed = sorted(k for k, s in weight_map.items() if s == shard and k not in part)
+        if listed:
+            raise ValueError(f"{os.path.join(folder, shard)}: keys listed for it in model.safetensors.index.json "
+                             f"are absent: {listed[:8]} ({len(listed)})")
+        sd.update(part)
     return sd
 
 
-def gemma2_hub_config(c):
-    """A Gemma2Config as the Hub's config.json spells it."""
-    return {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "vocab_size": c.vocab_size,
-            "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-            "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
-            "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim,
-            "query_pre_attn_scalar": c.query_pre_attn_scalar, "sliding_window": c.sliding_window,
-            "rope_theta": c.rope_theta, "rms_norm_eps": c.rms_norm_eps,
-            "attn_logit_softcapping": c.attn_logit_softcapping, "hidden_activation": "gelu_pytorch_tanh",
-            "hidden_act": "gelu_pytorch_tanh", "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
-            "torch_dtype": "float32"}
+def read_state_dict(path):
+    """The one file reader: {name: tensor} of a checkpoint, without copying it. A .safetensors file, a torch
+    file (.pth, .pt, .ckpt: memory-mapped, weights_only) or a Hugging Face folder (model.safetensors or its
+    sharded index). Lightning's {"state_dict": ...} and the trainers' {"model": ...} / {"ema": ...} are
+    unwrapped. Every failure is one line naming the file."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return _read_hf_folder(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    obj = _read_safetensors(path) if path.endswith(".safetensors") else _read_torch(path)
+    while isinstance(obj, dict) and not any(torch.is_tensor(v) for v in obj.values()):
+        inner = next((obj[k] for k in ("state_dict", "model", "ema") if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    bad = [k for k, v in obj.items() if not torch.is_tensor(v)]
+    if bad:
+        raise ValueError(f"{path}: {bad[0]!r} is a {type(obj[bad[0]]).__name__}, not a tensor: not a weights "
+                         "file (a state dict of tensors)")
+    return obj
 
 
-def save_gemma2_folder(model, folder, tokenizer_file=None):
-    """A Hugging Face style folder: config.json (Hub spelling), model.safetensors (`model.` keys) and
-    tokenizer.model, which load_gemma2 and Gemma2Tokenizer read."""
-    from safetensors.torch import save_file
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(gemma2_hub_config(model.config), f, indent=2)
-    save_file({"model." + k: v.detach().float().contiguous() for k, v in model.state_dict().items()},
-              os.path.join(folder, "model.safetensors"))
-    if tokenizer_file is not None:
-        import shutil
-        shutil.copyfile(tokenizer_file, os.path.join(folder, "tokenizer.model"))
-    return folder
+def _listing(names, n=8):
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
 
-def make_tiny_frozen(folder, texts, seed=0, dinov3_config=None, decoder_config=None, gemma_config=None):
-    """Write tiny random frozen parts into `folder`: a DINOv3 (`dinov3.pth`, original layout), an autoencoder
-    (`autoencoder.safetensors`: `encoder.*` DINOv3 + `decoder.*`, random decoder) and a Gemma-2 folder
-    (`text_encoder/`) with a sentencepiece tokenizer trained on `texts`. Random weights stand in for the
-    pretrained ones: the point is that every loader and code path is the real one."""
-    from safetensors.torch import save_file
-    os.makedirs(folder, exist_ok=True)
-    torch.manual_seed(seed)
-    dcfg = dinov3_config or DINOv3Config(dim=64, depth=2, n_heads=1, ffn_dim=128)
-    dino = DINOv3(dcfg)
-    dino_sd = dinov3_official_state_dict(dino)
-    torch.save(dino_sd, os.path.join(folder, "dinov3.pth"))
-    decoder = Decoder(decoder_config or DecoderConfig.tiny(z_channels=dcfg.dim))
-    ae_sd = {**{"encoder." + k: v for k, v in dino_sd.items()},
-             **{"decoder." + k: v.detach().contiguous() for k, v in decoder.state_dict().items()}}
-    save_file({k: v.contiguous() for k, v in ae_sd.items()}, os.path.join(folder, "autoencoder.safetensors"))
-    tok = train_tokenizer(texts, os.path.join(folder, "tokenizer"))
-    import sentencepiece as spm
-    vocab = spm.SentencePieceProcessor(model_file=tok).get_piece_size()
-    gcfg = gemma_config or Gemma2Config.tiny(vocab_size=vocab, hidden_size=64, num_hidden_layers=2,
-                                             sliding_window=512)
-    gemma_dir = save_gemma2_folder(Gemma2(gcfg), os.path.join(folder, "text_encoder"), tok)
-    return {"autoencoder": os.path.join(folder, "autoencoder.safetensors"),
-            "dinov3": os.path.join(folder, "dinov3.pth"), "gemma": gemma_dir}
+def build(model_class, config, sd, source, prefix="", device="cpu", dtype=torch.float32, keep_fp32=(),
+          missing=()):
+    """The one strict load: `model_class(config)` on the meta device, `sd` (our names) checked against it
+    (one line lists every missing, unexpected and mis-shaped key under the file's names, `prefix` added;
+    `missing` adds keys a key map could not find), then each tensor is cast to `dtype` (None: as stored;
+    names in keep_fp32 stay fp32) on `device` and assigned. Returns the model in eval mode."""
+    with torch.device("meta"):
+        model = model_class(config)
+    expected = model.state_dict()
+    missing = [prefix + k for k in missing] + [prefix + k for k in expected if k not in sd]
+    unexpected = [prefix + k for k in sd if k not in expected]
+    misshaped = [f"{prefix}{k} {list(v.shape)} vs {list(expected[k].shape)}" for k, v in sd.items()
+                 if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or misshaped:
+        problems = [f"{what}: {_listing(names)}" for what, names in (("missing", missing), ("unexpected",
+                    unexpected), ("wrong shape (file vs model)", misshaped)) if names]
+        raise ValueError(f"{source}: {model_class.__name__} weights do not match: " + "; ".join(problems))
+
+    def cast(k, v):
+        if not v.is_floating_point() or dtype is None:
+            return v.to(device)
+        return v.to(device=device, dtype=torch.float32 if k in keep_fp32 else dtype)
+    model.load_state_dict({k: cast(k, v) for k, v in sd.items()}, strict=True, assign=True)
+    return model.eval()
+
+
+def sub_state_dict(sd, prefix):
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
+def dinov3_from_state_dict(sd, device="cpu", dtype=torch.float32, hf_config=None, source="state dict",
+                           prefix=""):
+    config, sd, missing = dinov3_keymap(sd, hf_config, source)
+    model = build(DINOv3, config, sd, source, prefix, device, dtype, keep_fp32=("rope_embed.periods",),
+                  missing=missing)
+    return model.requires_grad_(False)
+
+
+def load_dinov3(path, device="cpu", dtype=torch.float32):
+    """Load DINOv3 from any official layout: the original `.pth`; an HF `model.safetensors` file (a config.json
+    of model_type dinov3_vit next to it is used) or a folder holding both; or an SVG autoencoder Lightning
+    `.ckpt` (its `encoder.*` keys). Frozen: eval mode, requires_grad off; RoPE periods stay fp32."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"DINOv3 checkpoint not found: {path}")
+    hf_config = None
+    if path.is_dir():
+        if not (path / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{path} is a folder without model.safetensors: pass the DINOv3 .pth file, "
+                                    "or a Hugging Face DINOv3 folder (config.json + model.safetensors)")
+        if (path / "config.json").is_file():
+            hf_config = _read_json(path / "config.json")
+            if not isinstance(hf_config, dict):
+                raise ValueError(f"{path / 'config.json'} is not a Hugging Face config (a JSON object)")
+        path = path / "model.safetensors"
+    elif path.suffix == ".safetensors" and (path.parent / "config.json").is_file():
+        # next to a file passed directly, a config.json is used only if it describes a DINOv3 ViT
+        cfg = _read_json(path.parent / "config.json")
+        hf_config = cfg if isinstance(cfg, dict) and cfg.get("model_type") == "dinov3_vit" else None
+    sd = read_state_dict(path)
+    if any(k.startswith("encoder.") for k in sd) and not any(k.startswith(("cls_token", "blocks.", "embeddings."))
+                                                             for k in sd):
+        return dinov3_from_state_dict(sub_state_dict(sd, "encoder."), device, dtype, source=f"{path} (encoder.*)",
+                                      prefix="encoder.")
+    if any(k.startswith(("decoder.", "loss.")) for k in sd):
+        raise ValueError(f"{path} is a Lightning checkpoint without `encoder.*` keys, so it holds no DINOv3 "
+                         "weights: pass the DINOv3 .pth or an SVG autoencoder checkpoint")
+    return dinov3_from_state_dict(sd, device, dtype, hf_config, source=str(path))
+
+
+def load_gemma2(folder, device="cpu", dtype=torch.bfloat16, attn_softcap=False):
+    """Load a Hugging Face Gemma-2 folder (config.json + sharded or single safetensors) as a frozen Gemma2.
+    attn_softcap: see Gemma2Config.attn_softcap (default off, matching the features the SVG-T2I DiT was
+    trained on)."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"Gemma-2 folder not found: {folder} (expected config.json + model*.safetensors)")
+    config = Gemma2Config.from_json(folder, attn_softcap=attn_softcap)
+    sd = gemma2_keymap(read_state_dict(folder))
+    return build(Gemma2, config, sd, folder, "model.", device, dtype).requires_grad_(False)
+
+
+# In a checkpoint folder the official trainer writes both; the official sampler always loads the first.
+NEXTDIT_FILES = ("consolidated.00-of-01.pth", "consolidated_ema.00-of-01.pth")
+
+
+def nextdit_from_state_dict(sd, device="cpu", dtype=torch.bfloat16, source="NextDiT checkpoint"):
+    sd = nextdit_keymap(sd)
+    return build(NextDiT, NextDiTConfig.from_state_dict(sd), sd, source, device=device, dtype=dtype)
+
+
+def load_nextdit(path, device="cpu", dtype=torch.bfloat16):
+    """Load a NextDiT from a checkpoint file or folder: the official consolidated(_ema).00-of-01.pth (a flat
+    state dict, or wrapped under "model"/"ema"; FSDP/checkpoint/DDP/compile key prefixes allowed) or one of
+    our .safetensors. Weights in `dtype` (None: as stored); eval mode."""
+    path = Path(path)
+    if path.is_dir():
+        names = [n for n in NEXTDIT_FILES if (path / n).is_file()]
+        names = names or sorted(p.name for p in path.glob("*.safetensors"))
+        if not names or (len(names) > 1 and names[0] not in NEXTDIT_FILES):
+            raise FileNotFoundError(f"no NextDiT checkpoint in {path}: expected {' or '.join(NEXTDIT_FILES)} or "
+                                    f"exactly one *.safetensors file (found {sorted(os.listdir(path))[:10]})")
+        path = path / names[0]
+    elif not path.is_file():
+        raise FileNotFoundError(f"NextDiT checkpoint {path} does not exist")
+    return nextdit_from_state_dict(read_state_dict(path), device, dtype, source=str(path))
+
+
+def decoder_from_state_dict(sd, device="cpu", dtype=torch.float32, source="state dict"):
+    """The pixel decoder from an autoencoder state dict (`decoder.*`) or a bare decoder state dict; P or R and
+    all sizes come from the shapes."""
+    sd = decoder_keymap(sd)       # errors name the keys as the official checkpoint does: decoder.*
+    return build(Decoder, DecoderConfig.from_state_dict(sd), sd, source, "decoder.", device, dtype)
+
+
+def residual_vit_from_state_dict(sd, device="cpu", dtype=torch.float32, source="state dict"):
+    """Autoencoder-R's residual ViT from `extra_vit.*` (or a bare state dict). Its learned RoPE `freqs` stay
+    fp32 whatever `dtype` is: angles reach ~60 rad, which bf16 cannot hold to better than a quarter turn."""
+    sd = residual_vit_keymap(sd)  # errors name the keys as the official checkpoint does: extra_vit.*
+    return build(ResidualViT, ResidualViTConfig.from_state_dict(sd), sd, source, "extra_vit.", device, dtype,
+                 keep_fp32=("freqs",))
+
+
+def load_decoder(path, device="cpu", dtype=torch.float32):
+    """The pixel decoder alone, from an autoencoder checkpoint or a decoder state dict file."""
+    return decoder_from_state_dict(read_state_dict(path), device, dtype, source=os.fspath(path))
+
+
+def load_autoencoder(path, dinov3_path=None, device="cpu", dtype=torch.float32, encoder=True):
+    """Build the SVG autoencoder from the official Lightning checkpoint (or a safetensors file with the same
+    keys). `decoder.*` -> Decoder (P or R inferred from conv_in), `extra_vit.*` -> residual ViT (R),
+    `encoder.*` -> DINOv3 when present, else from `dinov3_path`. Ignored on purpose: `loss.*` (LPIPS and the
+    discriminator, training only), `norm_vit.*` (built upstream but never used) and `extra_vit.head.*` (an
+    unused 1000-way classifier head left over from the ViT). encoder=False skips DINOv3 (sampling only)."""
+    path = os.fspath(path)
+    sd = read_state_dict(path)
+    if not any(k.startswith("decoder.") for k in sd):
+        raise ValueError(f"{path}: no 'decoder.*' keys: not an SVG autoencoder checkpoint "
+                         "(expected autoencoder/svg_autoencoder-P-stage3.ckpt or similar)")
+    decoder = decoder_from_state_dict(sub_state_dict(sd, "decoder."), device, dtype, source=path)
+    residual = None
+    if any(k.startswith("extra_vit.") for k in sd):
+        residual = residual_vit_from_state_dict(sub_state_dict(sd, "extra_vit."), device, dtype, source=path)
+    if decoder.config.z_channels > 384 and residual is None:
+        raise ValueError(f"{path}: the decoder takes {decoder.config.z_channels} channels but the checkpoint "
+                         "has no residual ViT ('extra_vit.*' keys)")
+    dino = None
+    if encoder and any(k.startswith("encoder.") for k in sd):
+        dino = dinov3_from_state_dict(sub_state_dict(sd, "encoder."), device, dtype, source=path, prefix="encoder.")
+    elif encoder and dinov3_path is not None:
+        dino = load_dinov3(dinov3_path, device=device, dtype=dtype)
+    return Autoencoder(decoder, dino, residual).eval()
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Writing: one atomic writer, for files and folders
+
+_UMASK = os.umask(0)      # the only way to read the umask is to set it: put it straight back
+os.umask(_UMASK)
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path):
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def atomic_write(path, write):
+    """Write `path`, a file or a folder, so that it is whole or absent even if the process dies midway:
+    write(tmp) writes it under a temporary name in the same folder (same suffix), which is fsynced and then
+    renamed over `path`. Files get the umask's mode (safetensors writes 0600). Returns `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")
+    _remove(tmp)
+    try:
+        write(tmp)
+        for f in ([*tmp.iterdir(), tmp] if tmp.is_dir() else [tmp]):
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~_UMASK)
+            _fsync(f)
+        if path.is_dir():       # a folder cannot be renamed over another: move the old one out of the way
+            old = path.with_name(f".old{os.getpid()}-{path.name}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+        _fsync(path.parent)
+    finally:
+        _remove(tmp)
+    return path

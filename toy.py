@@ -25,9 +25,13 @@ sampling noise from that seed), so no evaluation image is ever a training image.
 """
 
 import argparse
+import json
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -108,7 +112,7 @@ def all_scenes():
 
 
 CAPTIONS = [caption(s) for s in all_scenes()]  # all 180 captions: the corpus for the toy tokenizer
-WORDS = sorted({w for c in CAPTIONS for w in c.split()})  # the 19 words they use
+WORDS = sorted({w for c in CAPTIONS for w in c.split()})  # the 22 words they use
 
 
 def parse_caption(text):
@@ -390,6 +394,149 @@ def wrong_caption(scene, category, rng):
     value = getattr(scene, category)
     other = [o for o in options if o != value][int(rng.integers(len(options) - 1))]
     return caption(Scene(**{**scene.__dict__, category: other}))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# preparing the toy SVG-T2I (python train.py --toy runs these, then its ordinary DiT loop, then write_bundle)
+#
+# Every part is the real code path with tiny sizes: a random DINOv3 (a stand-in for the pretrained one: with its
+# LayerScale at the official 1e-5 init, its features are a faithful, nearly linear code of each 16x16 patch), a
+# random Gemma-2 with a sentencepiece tokenizer trained on the captions, a decoder trained on reconstruction,
+# latent statistics computed from the data (official file format) and a NextDiT trained by flow matching.
+
+SIZE = 64  # the toy's images: a 4 x 4 grid of DINOv3 patches
+BUNDLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy")  # what sample.py --toy reads
+SAMPLING = dict(steps=25, cfg=4.0, shift=2.0, solver="euler", system_prompt="empty")  # the bundle's defaults
+
+
+def make_tiny_frozen(folder, texts, seed=0, dinov3_config=None, decoder_config=None, gemma_config=None):
+    """Write tiny random frozen parts into `folder`: a DINOv3 (`dinov3.pth`, original layout), an autoencoder
+    (`autoencoder.safetensors`: `encoder.*` DINOv3 + `decoder.*`, random decoder) and a Gemma-2 folder
+    (`text_encoder/`) with a sentencepiece tokenizer trained on `texts`. Random weights stand in for the
+    pretrained ones: the point is that every loader and code path is the real one. Returns their paths."""
+    import sentencepiece as spm
+    import torch
+    from safetensors.torch import save_file
+
+    from decoder import Decoder, DecoderConfig
+    from dinov3 import DINOv3, DINOv3Config, dinov3_official_state_dict
+    from gemma2 import Gemma2, Gemma2Config, save_gemma2_folder, train_tokenizer
+
+    os.makedirs(folder, exist_ok=True)
+    torch.manual_seed(seed)
+    dcfg = dinov3_config or DINOv3Config(dim=64, depth=2, n_heads=1, ffn_dim=128)
+    dino_sd = dinov3_official_state_dict(DINOv3(dcfg))
+    torch.save(dino_sd, os.path.join(folder, "dinov3.pth"))
+    decoder = Decoder(decoder_config or DecoderConfig.tiny(z_channels=dcfg.dim))
+    ae_sd = {**{"encoder." + k: v for k, v in dino_sd.items()},
+             **{"decoder." + k: v.detach() for k, v in decoder.state_dict().items()}}
+    save_file({k: v.contiguous() for k, v in ae_sd.items()}, os.path.join(folder, "autoencoder.safetensors"))
+    tok = train_tokenizer(texts, os.path.join(folder, "tokenizer"))
+    vocab = spm.SentencePieceProcessor(model_file=tok).get_piece_size()
+    gcfg = gemma_config or Gemma2Config.tiny(vocab_size=vocab, hidden_size=64, num_hidden_layers=2,
+                                             sliding_window=512)
+    gemma_dir = save_gemma2_folder(Gemma2(gcfg), os.path.join(folder, "text_encoder"), tok)
+    return {"autoencoder": os.path.join(folder, "autoencoder.safetensors"),
+            "dinov3": os.path.join(folder, "dinov3.pth"), "gemma": gemma_dir}
+
+
+def write_data(folder, n, seed=TRAIN_SEED):
+    """n training images of the shapes world as PNGs, and the data.jsonl that lists them."""
+    from svgt2i import atomic_write
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (image, text) in enumerate(make_dataset(n, size=SIZE, seed=seed)):
+        image.save(folder / f"{i:06d}.png")
+        lines.append(json.dumps({"path": f"{i:06d}.png", "prompt": text}))
+    text = "\n".join(lines) + "\n"
+    return atomic_write(folder / "data.jsonl", lambda tmp: tmp.write_text(text))
+
+
+def train_decoder(ae_path, images, steps, batch=16, lr=2e-3, seed=0, log=print):
+    """Train the autoencoder's decoder on reconstruction (L1 + L2 in pixels) from the frozen DINOv3 features of
+    `images` ([N, 3, H, W] in [-1, 1]); cosine learning rate; writes the checkpoint back in place."""
+    import torch
+    from safetensors.torch import save_file
+
+    from svgt2i import atomic_write, load_autoencoder, read_state_dict
+
+    ae = load_autoencoder(ae_path)
+    with torch.no_grad():
+        feats = torch.cat([ae.encode(images[i:i + 256]) for i in range(0, len(images), 256)])
+    decoder = ae.decoder.train().requires_grad_(True)
+    opt = torch.optim.AdamW(decoder.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * s / steps)))
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(images), (batch,), generator=g)
+        err = decoder(feats[idx]) - images[idx]
+        loss = err.abs().mean() + err.pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 200 == 0 or step == steps:
+            log(f"decoder step {step}/{steps}  loss {loss.item():.4f}  {time.time() - t0:.0f}s")
+    sd = {k: v.clone() for k, v in read_state_dict(ae_path).items()}
+    sd.update({"decoder." + k: v.detach().contiguous() for k, v in decoder.state_dict().items()})
+    atomic_write(ae_path, lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp)))
+
+
+def prepare(work, n_images=6000, decoder_steps=2000, seed=0, log=print):
+    """Everything the toy's DiT stage needs, in `work` (each part is kept, so a rerun reuses it): the data
+    (work/data), the frozen parts with the decoder trained (work/frozen). Returns {"data", "autoencoder",
+    "dinov3", "gemma"} paths."""
+    from dinov3 import DINOv3Config
+    from decoder import DecoderConfig
+    from svgt2i import atomic_write, images_to_tensor
+
+    work = Path(work)
+    data = work / "data" / "data.jsonl"
+    if not data.is_file():
+        log(f"toy data: {n_images} images of {SIZE}px")
+        write_data(work / "data", n_images)
+    frozen_json = work / "frozen.json"
+    if not frozen_json.is_file():
+        log("toy frozen parts: random DINOv3 (dim 128) and Gemma-2 (hidden 64), tokenizer on the toy captions")
+        made = make_tiny_frozen(str(work / "frozen"), list(CAPTIONS) + [""], seed=seed,
+                                dinov3_config=DINOv3Config(dim=128, depth=2, n_heads=2, ffn_dim=256),
+                                decoder_config=DecoderConfig(z_channels=128, ch=32, num_res_blocks=0))
+        paths = [json.loads(line)["path"] for line in data.read_text().splitlines()]
+        images = images_to_tensor([Image.open(work / "data" / p) for p in paths])
+        train_decoder(made["autoencoder"], images, decoder_steps, seed=seed, log=log)
+        text = json.dumps(made)
+        atomic_write(frozen_json, lambda tmp: tmp.write_text(text))
+    return {"data": str(data), **json.loads(frozen_json.read_text())}
+
+
+def write_bundle(bundle, run_dir, frozen):
+    """The finished toy model, in the layout sample.py reads: the DiT's EMA weights, the autoencoder, the
+    latent statistics, the Gemma folder, and run.json with the sampling defaults. Weights are stored in fp16
+    (half the size; the loaders cast them to the model dtype)."""
+    from safetensors.torch import save_file
+
+    from svgt2i import atomic_write, checkpoint_folder, read_state_dict
+
+    ckpt = Path(checkpoint_folder(str(run_dir)))
+    run = json.loads((ckpt / "run.json").read_text())
+
+    def half(sd):
+        return {k: (v.half() if v.is_floating_point() and not k.endswith("periods") else v).contiguous()
+                for k, v in sd.items()}
+
+    def write(tmp):
+        tmp.mkdir()
+        save_file(half(read_state_dict(ckpt / "ema.safetensors")), str(tmp / "ema.safetensors"))
+        save_file(half(read_state_dict(frozen["autoencoder"])), str(tmp / "autoencoder.safetensors"))
+        shutil.copyfile(ckpt / "latent_stats.pt", tmp / "latent_stats.pt")
+        shutil.copytree(frozen["gemma"], tmp / "text_encoder")
+        info = {"frozen": {}, "resolution": SIZE, "sample": SAMPLING, "model": run["model"],
+                "trained": {"step": run.get("step"), "note": "python train.py --toy"}}
+        (tmp / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    return atomic_write(bundle, write)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from decoder import Decoder, DecoderConfig, load_decoder  # noqa: E402
+from decoder import Decoder, DecoderConfig  # noqa: E402
+from svgt2i import load_decoder  # noqa: E402
 
 
 def rss_anon_bytes():

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nextdit import NextDiT, NextDiTConfig, load_nextdit  # noqa: E402
+from nextdit import NextDiT, NextDiTConfig  # noqa: E402
+from svgt2i import load_nextdit  # noqa: E402
 
 CONSOLIDATED = "consolidated.00-of-01.pth"
 GB = 1e9
@@ -70,7 +71,7 @@ class PeakPoller(threading.Thread):
 
 def write_checkpoint(folder, seed=0):
     with torch.device("meta"):
-        shapes = [(k, v.shape) for k, v in NextDiT(NextDiTConfig.svg_t2i_2b()).state_dict().items()]
+        shapes = [(k, v.shape) for k, v in NextDiT(NextDiTConfig.from_name("2b")).state_dict().items()]
     scratch = folder / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)

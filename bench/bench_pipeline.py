@@ -35,8 +35,7 @@ GB = 1e9
 
 def write_autoencoder(path, seed=0):
     from decoder import Decoder, DecoderConfig
-    from dinov3 import DINOv3, DINOv3Config
-    from svgt2i import dinov3_official_state_dict
+    from dinov3 import DINOv3, DINOv3Config, dinov3_official_state_dict
     torch.manual_seed(seed)
     sd = {"encoder." + k: v for k, v in dinov3_official_state_dict(DINOv3(DINOv3Config.vits16plus())).items()}
     sd.update({"decoder." + k: v for k, v in Decoder(DecoderConfig.autoencoder_p()).state_dict().items()})
@@ -46,8 +45,7 @@ def write_autoencoder(path, seed=0):
 def write_gemma(folder, seed=0, shard_bytes=4e9):
     """Gemma-2-2B in the Hub layout: config.json, model-0000k-of-0000n.safetensors (fp32), the index."""
     from safetensors.torch import save_file
-    from gemma2 import Gemma2, Gemma2Config
-    from svgt2i import gemma2_hub_config, train_tokenizer
+    from gemma2 import Gemma2, Gemma2Config, gemma2_hub_config, train_tokenizer
     folder.mkdir(parents=True, exist_ok=True)
     cfg = Gemma2Config.gemma2_2b()
     with torch.device("meta"):
@@ -137,7 +135,7 @@ def main():
     from gemma2 import Gemma2, Gemma2Config
     from nextdit import NextDiT, NextDiTConfig
     with torch.device("meta"):
-        bf16_bytes = 2 * sum(p.numel() for m in (NextDiT(NextDiTConfig.svg_t2i_2b()), Gemma2(Gemma2Config.gemma2_2b()))
+        bf16_bytes = 2 * sum(p.numel() for m in (NextDiT(NextDiTConfig.from_name("2b")), Gemma2(Gemma2Config.gemma2_2b()))
                              for p in m.parameters())
     if res:
         print(f"load ({a.dtype}): {res['load_s']:.1f}s, peak RssAnon {res['load_peak_rss_anon_gb']:.2f} GB "

@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from decoder import load_decoder
-from dinov3 import IMAGENET_MEAN, IMAGENET_STD, load_dinov3
-from svgt2i import images_to_tensor, load_autoencoder, match_distribution, tensor_to_images
+from dinov3 import IMAGENET_MEAN, IMAGENET_STD
+from svgt2i import (images_to_tensor, load_autoencoder, load_decoder, load_dinov3, match_distribution,
+                    tensor_to_images)
 from tiny_autoencoder import write_lightning_ckpt
 from tiny_dinov3 import write_official_pth
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from decoder import (Decoder, DecoderConfig, ResidualViT, ResidualViTConfig, apply_rope, decoder_from_state_dict,
-                     load_decoder, patch_coordinates, read_checkpoint, residual_vit_from_state_dict, rope_angles)
+from decoder import Decoder, DecoderConfig, ResidualViT, ResidualViTConfig, apply_rope, patch_coordinates, rope_angles
+from svgt2i import decoder_from_state_dict, load_decoder, read_state_dict, residual_vit_from_state_dict
 from tiny_autoencoder import write_lightning_ckpt
 
 # -----------------------------------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def test_load_decoder_formats_and_dtype(tmp_path):
     assert all(p.dtype == torch.bfloat16 for p in bf.parameters())
     assert torch.equal(bf.conv_in.weight, dsd["conv_in.weight"].bfloat16())
     # The lead's path: one opened checkpoint, state-dict-level builders (full or stripped keys both work).
-    sd = read_checkpoint(info["path"])
+    sd = read_state_dict(info["path"])
     assert torch.equal(decoder_from_state_dict(sd).conv_out.bias, dsd["conv_out.bias"])
 
 
@@ -232,7 +232,7 @@ def test_rope_angles_and_rotation_by_hand():
 @pytest.mark.parametrize("hw", [(32, 48), (64, 16)])
 def test_residual_vit_matches_reference(tmp_path, hw):
     info = write_lightning_ckpt(tmp_path / "r.ckpt", kind="R", seed=2)
-    sd = read_checkpoint(info["path"])
+    sd = read_state_dict(info["path"])
     vit = residual_vit_from_state_dict(sd)            # full Lightning keys: extra_vit.* picked, rest ignored
     vit_stripped = residual_vit_from_state_dict(info["extra_vit_sd"])
     assert vit.config == info["residual_config"]

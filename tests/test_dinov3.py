@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 import tiny_dinov3 as tiny
-from dinov3 import (IMAGENET_MEAN, IMAGENET_STD, DINOv3, DINOv3Config, dinov3_from_state_dict, load_dinov3,
-                    rope_rotate)
+from dinov3 import IMAGENET_MEAN, IMAGENET_STD, DINOv3, DINOv3Config, rope_rotate
+from svgt2i import dinov3_from_state_dict, load_dinov3
 
 SIZES = [(64, 64), (48, 80), (96, 32)]  # square, wide, tall: 16, 15 and 12 patches
 
@@ -260,9 +260,9 @@ def _write_not_dinov3(path, kind):
 @pytest.mark.parametrize("kind, name, message", [
     ("other_model", "x.pth", "is not a DINOv3 checkpoint: expected keys like 'cls_token'"),
     ("other_safetensors", "x.safetensors", "is not a DINOv3 checkpoint"),
-    ("garbage", "x.pth", "could not read .* as a PyTorch checkpoint"),
-    ("garbage_safetensors", "x.safetensors", "could not read .* as safetensors"),
-    ("truncated", "x.pth", "could not read .* as a PyTorch checkpoint"),
+    ("garbage", "x.pth", "cannot read checkpoint: not a torch checkpoint, or corrupt or truncated"),
+    ("garbage_safetensors", "x.safetensors", "cannot read checkpoint: not a safetensors file, or corrupt"),
+    ("truncated", "x.pth", "cannot read checkpoint: not a torch checkpoint, or corrupt or truncated"),
     ("list", "x.pth", "holds a list, not a state dict"),
     ("python_objects", "x.ckpt", "holds Python objects besides tensors .*_Opaque.*re-save only its weights"),
     ("lightning_without_encoder", "x.ckpt", "Lightning checkpoint without `encoder.\\*` keys"),
@@ -294,8 +294,8 @@ def test_key_problems_are_listed_together(files, tmp_path):
         load_dinov3(tmp_path / "bad.pth")
     msg = str(err.value)
     assert "\n" not in msg
-    for part in ["missing keys:", "blocks.1.mlp.w2.bias", "blocks.0.attn.qkv.bias_mask", "unexpected keys: head.weight",
-                 "mis-shaped keys: norm.weight [129] (expected [128])"]:
+    for part in ["missing:", "blocks.1.mlp.w2.bias", "blocks.0.attn.qkv.bias_mask", "unexpected: head.weight",
+                 "wrong shape (file vs model): norm.weight [129] vs [128]"]:
         assert part in msg, (part, msg)
 
 
@@ -306,7 +306,7 @@ def test_hf_key_problems_are_listed(files, tmp_path):
     (tmp_path / "hf").mkdir()
     save_file(hf, str(tmp_path / "hf" / "model.safetensors"))
     (tmp_path / "hf" / "config.json").write_text(json.dumps(tiny.hf_config_dict(DINOv3Config.tiny())))
-    with pytest.raises(ValueError, match=r"missing keys: layer\.1\.attention\.k_proj\.weight, "
-                                         r"blocks\.1\.attn\.qkv\.weight.*unexpected keys: "
+    with pytest.raises(ValueError, match=r"missing: layer\.1\.attention\.k_proj\.weight, "
+                                         r"blocks\.1\.attn\.qkv\.weight.*unexpected: "
                                          r"layer\.0\.attention\.query\.weight"):
         load_dinov3(tmp_path / "hf")

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import nextdit
-from nextdit import (NextDiT, NextDiTConfig, TimestepEmbedder, apply_rope, load_nextdit, nextdit_from_state_dict,
-                     position_ids, rope_cos_sin)
+from nextdit import NextDiT, NextDiTConfig, TimestepEmbedder, apply_rope, position_ids, rope_cos_sin
+from svgt2i import load_nextdit, nextdit_from_state_dict
 from tiny_nextdit import (CONSOLIDATED, CONSOLIDATED_EMA, official_keys_and_shapes, official_state_dict,
                           write_official_consolidated)
 
@@ -462,8 +462,8 @@ TOP_2B = {"x_embedder.weight": (2304, 384), "x_embedder.bias": (2304,), "t_embed
 
 def test_2b_preset_on_meta_has_the_official_keys_and_parameter_count():
     with torch.device("meta"):
-        model = NextDiT(NextDiTConfig.svg_t2i_2b())
-        small = NextDiT(NextDiTConfig.svg_t2i_08b())
+        model = NextDiT(NextDiTConfig.from_name("2b"))
+        small = NextDiT(NextDiTConfig.from_name("0.8b"))
     expected = dict(TOP_2B)
     for blk, n, adaln in [("layers", 26, True), ("noise_refiner", 2, True), ("context_refiner", 2, False)]:
         for i in range(n):
@@ -474,10 +474,10 @@ def test_2b_preset_on_meta_has_the_official_keys_and_parameter_count():
     assert sum(p.numel() for p in model.parameters()) == 2_611_246_336
     assert sum(p.numel() for p in small.parameters()) == 784_896_640
     # the config is recovered from shapes alone
-    assert NextDiTConfig.from_state_dict(sd) == NextDiTConfig.svg_t2i_2b()
-    assert NextDiTConfig.from_state_dict(small.state_dict()) == NextDiTConfig.svg_t2i_08b()
+    assert NextDiTConfig.from_state_dict(sd) == NextDiTConfig.from_name("2b")
+    assert NextDiTConfig.from_state_dict(small.state_dict()) == NextDiTConfig.from_name("0.8b")
     # the hand-written helper table agrees (it is what the tiny checkpoints are written from)
-    assert [(k, tuple(v.shape)) for k, v in sd.items()] == official_keys_and_shapes(NextDiTConfig.svg_t2i_2b())
+    assert [(k, tuple(v.shape)) for k, v in sd.items()] == official_keys_and_shapes(NextDiTConfig.from_name("2b"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -514,9 +514,9 @@ def test_state_dict_errors_name_the_keys(tmp_path):
         load_nextdit(tmp_path)
     msg = str(e.value)
     assert "\n" not in msg and CONSOLIDATED in msg
-    assert "missing ['layers.1.ffn_norm2.weight']" in msg
-    assert "unexpected ['layers.0.extra.weight']" in msg
-    assert "layers.1.feed_forward.w1.weight: (7, 72) vs (96, 72)" in msg
+    assert "missing: layers.1.ffn_norm2.weight" in msg
+    assert "unexpected: layers.0.extra.weight" in msg
+    assert "layers.1.feed_forward.w1.weight [7, 72] vs [96, 72]" in msg
     with pytest.raises(ValueError, match="not a NextDiT checkpoint"):
         nextdit_from_state_dict({"blocks.0.weight": torch.zeros(2)})
     with pytest.raises(ValueError, match="not a tensor"):

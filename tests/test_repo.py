@@ -1,4 +1,5 @@
-"""The repository's own promises: CI runs the README's test command, and the import rooms of DESIGN.md hold."""
+"""The repository's own promises: CI runs the README's test command, and the rooms of the design hold: the leaves
+import nothing of ours, the glue no entry point and not data.py, data.py only the glue and the leaves."""
 
 import ast
 import os
@@ -6,7 +7,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEAVES = ["dinov3.py", "gemma2.py", "nextdit.py", "decoder.py"]
-OURS = {"dinov3", "gemma2", "nextdit", "decoder", "svgt2i", "sample", "train", "toy"}
+OURS = {"dinov3", "gemma2", "nextdit", "decoder", "svgt2i", "data", "sample", "train", "train_autoencoder", "toy"}
+ENTRY_POINTS = {"sample", "train", "train_autoencoder", "toy"}
 
 
 def read(name):
@@ -39,6 +41,18 @@ def imports_of(name):
     return mods
 
 
+def module_imports(name):
+    """Full module names imported by a file (import a.b / from a.b import c)."""
+    tree = ast.parse(read(name))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
 def test_leaves_import_nothing_of_ours():
     for leaf in LEAVES:
         assert not (imports_of(leaf) & OURS), f"{leaf} must not import other project modules"
@@ -46,6 +60,13 @@ def test_leaves_import_nothing_of_ours():
 
 def test_glue_never_imports_entry_points():
     assert not (imports_of("svgt2i.py") & {"sample", "train", "toy"})
+    assert not (imports_of("svgt2i.py") & (ENTRY_POINTS | {"data"}))
+
+
+def test_data_imports_only_the_glue_and_no_distributed_code():
+    ours = imports_of("data.py") & OURS
+    assert ours <= {"svgt2i"}, ours
+    assert not any(m.startswith("torch.distributed") for m in module_imports("data.py"))
 
 
 def test_runtime_dependencies_only():

@@ -117,9 +117,9 @@ def test_image_k_uses_seed_plus_k(pipe, solver):
 def test_guidance_and_prompt_matter(pipe):
     kw = dict(height=32, width=32, steps=2, seed=0)
     px = lambda im: torch.tensor(list(im.getdata())).float()
-    base = px(pipe.generate("a red cube", cfg_scale=4.0, **kw)[0])
-    assert (base - px(pipe.generate("a red cube", cfg_scale=1.0, **kw)[0])).abs().max() > 0
-    assert (base - px(pipe.generate("a blue ball", cfg_scale=4.0, **kw)[0])).abs().max() > 0
+    base = px(pipe.generate("a red cube", cfg=4.0, **kw)[0])
+    assert (base - px(pipe.generate("a red cube", cfg=1.0, **kw)[0])).abs().max() > 0
+    assert (base - px(pipe.generate("a blue ball", cfg=4.0, **kw)[0])).abs().max() > 0
 
 
 def test_geneval_layout(release, tmp_path):

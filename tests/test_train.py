@@ -16,10 +16,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import data
 import svgt2i
 import train
 from nextdit import NextDiTConfig
 from tiny_nextdit import write_official_consolidated
+from train_harness import instruments
 from train_helpers import write_dataset, write_tiny_frozen
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,72 +60,19 @@ def log_records(out):
     return [json.loads(line) for line in open(Path(out) / "log.jsonl")]
 
 
-def run_cli(args, env_extra=None, torchrun=None):
+def run_cli(args, env_extra=None, torchrun=None, instruments=()):
+    """train.py in a subprocess (under torchrun with `torchrun` processes); with `instruments`, through the test
+    harness (tests/train_harness.py: --kill-after-step N, --dump-grads)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    script = [str(ROOT / "train.py")] if not instruments else [str(ROOT / "tests" / "train_harness.py"),
+                                                               *instruments, "--"]
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
-                              if torchrun else []) + [str(ROOT / "train.py"), *args]
+                              if torchrun else []) + [*script, *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Pieces
-
-@pytest.mark.parametrize("resolution, count, first, last", [(256, 15, (512, 128), (128, 512)),
-                                                           (512, 27, (1024, 256), (256, 1024)),
-                                                           (1024, 51, (2048, 512), (512, 2048))])
-def test_crop_size_list_matches_the_official_list(resolution, count, first, last):
-    crops = train.crop_size_list(round((resolution / 16) ** 2))
-    assert len(crops) == count and crops[0] == first and crops[-1] == last
-    assert (resolution, resolution) in crops
-    tokens = [w * h // 256 for w, h in crops]
-    assert max(tokens) == (resolution // 16) ** 2 and min(tokens) >= 0.85 * max(tokens)
-    if resolution == 1024:
-        assert min(tokens) == 3960                                       # the reference's 3960-4096
-    assert all(w % 64 in (0, 16) and h % 64 in (0, 16) for w, h in crops)      # sides of 0 or 1 mod 4 patches
-
-
-def test_closest_crop_and_center_crop():
-    crops = train.crop_size_list(64)                     # 128 px: 9 sizes
-    assert train.closest_crop(240, 100, crops) == (192, 80)   # aspect 2.4 exactly
-    assert train.closest_crop(100, 240, crops) == (80, 192)
-    assert train.closest_crop(500, 510, crops) == (128, 128)
-    assert train.closest_crop(2000, 100, crops) == (256, 64)  # beyond 4:1 -> the widest
-    im = Image.new("RGB", (1200, 417), (255, 0, 0))       # wider than 192:80, so the sides are cut
-    im.paste((0, 0, 255), (0, 0, 30, 417))                # a blue strip on the left edge is cropped away
-    out = train.center_crop(im, (192, 80))
-    assert out.size == (192, 80) and out.getpixel((0, 40)) == (255, 0, 0)
-
-
-def test_caption_sampling_follows_the_paper_ratios():
-    caps = {"en": {"short": "s", "middle": "m", "long": "l"}, "zh": {"short": "zs", "middle": "zm", "long": "zl"}}
-    rng, n = random.Random(0), 40000
-    picks = [train.choose_caption(caps, rng, 0.1, (0.10, 0.35, 0.55), 0.2) for _ in range(n)]
-    kept = [p for p in picks if p is not None]
-    assert abs(1 - len(kept) / n - 0.1) < 0.01                                   # caption dropout
-    assert abs(sum(p[0] == "zh" for p in kept) / len(kept) - 0.2) < 0.01          # language
-    for k, r in zip(train.LENGTHS, (0.10, 0.35, 0.55)):
-        assert abs(sum(p[1] == k for p in kept) / len(kept) - r) < 0.01          # length
-    # stage 4: long only; a record without the drawn language / length falls back to what it has
-    assert {train.choose_caption(caps, rng, 0, (0, 0, 1), 0.2)[1] for _ in range(200)} == {"long"}
-    only_short = {"en": {"short": "s"}}
-    assert {train.choose_caption(only_short, rng, 0, (0, 0, 1), 0.5) for _ in range(50)} == {("en", "short")}
-    assert train.caption_text({"system": "S: ", "captions": caps}, ("zh", "long")) == "S: zl"
-    assert train.caption_text({"system": "S: ", "captions": caps}, None) == ""    # dropped: no system prompt
-
-
-def test_record_forms(tmp_path):
-    p = tmp_path / "d.jsonl"
-    p.write_text('{"path": "a.png", "prompt": "a cat"}\n\n'
-                 '{"path": "/abs/b.png", "prompt": {"en": {"short": "s", "long": "l"}, "zh": "z"}, "system_prompt": "real"}\n'
-                 '{"image_path": "c.png", "super_high_quality_caption": "hq"}\n')
-    r = train.Records(str(p))
-    assert len(r) == 3 and list(r.lines) == [1, 3, 4]
-    assert r[0]["path"] == str(tmp_path / "a.png") and r[0]["captions"] == {"en": {"any": "a cat"}}
-    assert r[0]["system"] == svgt2i.SYSTEM_PROMPTS["base"]
-    assert r[1]["path"] == "/abs/b.png" and r[1]["captions"]["zh"] == {"any": "z"}
-    assert r[1]["system"] == svgt2i.SYSTEM_PROMPTS["real"]
-    assert r[2]["system"] == svgt2i.SYSTEM_PROMPTS["align"] and r[2]["captions"]["en"]["any"] == "hq"
-
 
 @pytest.mark.parametrize("stage, res, batch, steps, text, ratios", [(1, 256, 1536, 91000, 256, (0.1, 0.35, 0.55)),
                                                                   (2, 512, 768, 90000, 256, (0.1, 0.35, 0.55)),
@@ -141,16 +90,6 @@ def test_stage_presets(stage, res, batch, steps, text, ratios):
     assert t.resolution == res // 2 and t.max_text_len == text and not t.checkpointing
     toy = train.finish_args(train.parse_args(["--stage", str(stage), "--model", "toy", "--data", "d", "--out", "o"]))
     assert (toy.resolution, toy.global_batch, toy.steps, toy.lr, toy.ema_decay) == (64, 64, 2200, 1e-3, 0.999)
-
-
-def test_data_stream_is_independent_of_world_size():
-    one = list(train.Positions(10, 3, 256, 0, 4, 6, 0, 1))
-    two = [list(train.Positions(10, 3, 256, 0, 4, 6, r, 2)) for r in (0, 1)]
-    merged = [p for s in range(4) for r in (0, 1) for p in two[r][3 * s:3 * s + 3]]
-    assert merged == one and [p for p, _ in one] == list(range(24))
-    assert sorted(i for _, i in one[:10]) == list(range(10))        # an epoch is a permutation
-    later = list(train.Positions(10, 3, 256, 12, 2, 6, 0, 1))        # resumed after 2 steps
-    assert later == one[12:]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,13 +113,13 @@ def test_statistics_are_computed_in_the_official_format(world):
     assert d["mean"].dtype == torch.float32
     # independently: every image's training view through the autoencoder's DINOv3, per-channel moments
     ae = svgt2i.load_autoencoder(world["autoencoder"])
-    crops = train.crop_size_list(64)
-    records = train.Records(world["data"])
-    feats = torch.cat([ae.encode(train.load_image(records[i]["path"], crops)[None]).flatten(2)[0].T.double()
+    crops = data.crop_size_list(64)
+    records = data.Records(world["data"])
+    feats = torch.cat([ae.encode(data.load_image(records[i]["path"], crops)[None]).flatten(2)[0].T.double()
                        for i in range(len(records))])                    # [tokens, 32]
     torch.testing.assert_close(d["mean"][0].double(), feats.mean(0), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(d["std"][0].double(), feats.std(0), rtol=1e-4, atol=1e-6)
-    assert len({tuple(train.load_image(records[i]["path"], crops).shape) for i in range(3)}) == 3   # 3 aspects
+    assert len({tuple(data.load_image(records[i]["path"], crops).shape) for i in range(3)}) == 3   # 3 aspects
 
 
 def test_bf16_autocast_and_activation_checkpointing(world, tmp_path):
@@ -195,10 +134,13 @@ def test_bf16_autocast_and_activation_checkpointing(world, tmp_path):
 
 
 def test_two_ddp_processes_match_one_process(world, tmp_path):
-    args = ["--steps", "2", "--dump-grads", "--stats", world["stats"]]
+    args = ["--steps", "2", "--stats", world["stats"]]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    train.main(common(world, single, 2, 4, 4) + args)                  # 1 process, 1 micro-batch of 4
-    r = run_cli(common(world, ddp, 2, 4, 1) + args, torchrun=2)         # 2 processes x 2 micro-batches of 1
+    single.mkdir()
+    with instruments(single, dump_grads=True):
+        train.main(common(world, single, 2, 4, 4) + args)              # 1 process, 1 micro-batch of 4
+    r = run_cli(common(world, ddp, 2, 4, 1) + args, torchrun=2,         # 2 processes x 2 micro-batches of 1
+                instruments=["--dump-grads"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "replicas identical on 2 ranks" in r.stdout
     for step in (1, 2):
@@ -222,7 +164,7 @@ def test_killed_run_resumes_bit_for_bit(world, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     args = ["--stats", world["stats"], "--save-every", "3", "--keep", "1"]
     train.main(common(world, a, 6) + args)
-    r = run_cli(common(world, b, 6) + args + ["--kill-after-step", "4"])
+    r = run_cli(common(world, b, 6) + args, instruments=["--kill-after-step", "4"])
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     assert (b / "latest").read_text().strip() == "ckpt-0000003" and not (b / "ckpt-0000004").exists()
     train.main(common(world, b, 6) + args + ["--resume"])

@@ -1,0 +1,433 @@
+"""
+The training data: a .jsonl of records becomes deterministic, per-position training samples.
+
+    record   {"path": "img.jpg", "prompt": "a cat"}            one line of the data file (paths relative to it)
+    crop     the official aspect bucket closest to the image's aspect, ~resolution^2 pixels
+    caption  one variant of the prompt (short/middle/long, en/zh), drawn with the paper's ratios, or dropped
+    position the sample's place in the data stream; every random choice of a sample is seeded by it
+
+So a run reads the same samples on any number of GPUs for the same global batch, and a resumed run continues
+bit for bit. Optionally the DINOv3 latents and Gemma features of every record are precomputed into a cache.
+No torch.distributed and no models here: the encoders are passed in as functions.
+
+"prompt" may hold caption variants, {"short": .., "middle": .., "long": ..} and/or {"en": .., "zh": ..}.
+Optional "system_prompt" (a name from svgt2i.SYSTEM_PROMPTS or a literal). The official HQ record form
+{"image_path", "super_high_quality_caption"} gets the "align" prompt.
+"""
+
+import array
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from svgt2i import StatsAccumulator, atomic_write, images_to_tensor, system_prompt_text
+
+LENGTHS, LANGUAGES = ("short", "middle", "long"), ("en", "zh")
+
+
+def describe(e):
+    """An exception as one short line."""
+    msg = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Images: the official aspect-ratio crops
+
+
+def crop_size_list(num_patches, patch=16, max_ratio=4.0):
+    """Crop sizes (w, h) in px of at most `num_patches` patches and aspect at most max_ratio, as the official
+    generate_crop_size_list: walk the width down from num_patches patches while the height grows as far as
+    the budget allows, i.e. for w patches the heights num_patches // (w + 1) .. num_patches // w; a side is
+    kept only if side_px // 32 is even (with 16 px patches: n mod 4 is 0 or 1). 256 px -> 15 sizes, 512 -> 27,
+    1024 -> 51."""
+    sizes = []
+    for wp in range(num_patches, 0, -1):
+        for hp in range(max(1, num_patches // (wp + 1)), num_patches // wp + 1):
+            w, h = wp * patch, hp * patch
+            if max(wp, hp) / min(wp, hp) <= max_ratio and (w // 32) % 2 == 0 and (h // 32) % 2 == 0:
+                sizes.append((w, h))
+    return sizes
+
+
+def crops_for(resolution):
+    """The crop list of an anchor resolution (crops of about resolution^2 px)."""
+    return crop_size_list(round((resolution / 16) ** 2))
+
+
+def closest_crop(width, height, crops):
+    """The crop whose aspect is closest to the image's: largest min(cw/w, ch/h) / max(cw/w, ch/h); ties go
+    to the larger (w, h) (the official `var_center_crop` with random_top_k=1)."""
+    def kept(c):
+        sw, sh = c[0] / width, c[1] / height
+        return min(sw, sh) / max(sw, sh)
+    return max(crops, key=lambda c: (kept(c), c))
+
+
+def center_crop(image, size):
+    """Box-halve while both sides are at least twice the crop, bicubic-resize so the crop just fits, cut the
+    middle."""
+    cw, ch = size
+    while image.width >= 2 * cw and image.height >= 2 * ch:
+        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
+    scale = max(cw / image.width, ch / image.height)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.BICUBIC)
+    left, top = (image.width - cw) // 2, (image.height - ch) // 2
+    return image.crop((left, top, left + cw, top + ch))
+
+
+def to_rgb(image):
+    """RGB; transparency is composited on white (upstream does this for RGBA and converts P/L)."""
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def load_image(path, crops):
+    """The training view of an image: [3, h, w] in [-1, 1], cropped to its closest aspect bucket."""
+    with Image.open(path) as im:
+        im.load()
+        image = to_rgb(im)
+    return images_to_tensor([center_crop(image, closest_crop(image.width, image.height, crops))])[0]
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Records and captions
+
+
+def parse_captions(prompt, where):
+    """A record's "prompt" -> {language: {length: caption}}. A plain string is one caption ("en", "any")."""
+    def lengths(value, lang):
+        if value is None or isinstance(value, str):
+            return {"any": value or ""}
+        if not isinstance(value, dict) or not value or set(value) - set(LENGTHS):
+            raise ValueError(f"{where}: prompt[{lang!r}] must be a string or an object with keys among "
+                             f"{', '.join(LENGTHS)}")
+        if not all(isinstance(v, str) for v in value.values()):
+            raise ValueError(f"{where}: caption variants must be strings")
+        return dict(value)
+
+    if isinstance(prompt, dict) and prompt and set(prompt) <= set(LANGUAGES):
+        return {lang: lengths(v, lang) for lang, v in prompt.items()}
+    if isinstance(prompt, dict) and set(prompt) - set(LENGTHS):
+        raise ValueError(f"{where}: unknown caption keys {sorted(set(prompt) - set(LENGTHS))}: use "
+                         f"{', '.join(LENGTHS)} and/or {', '.join(LANGUAGES)}")
+    return {"en": lengths(prompt, "en")}
+
+
+def parse_record(line, base, where, default_system="base"):
+    """One .jsonl line -> {"path", "captions", "system"}; raises ValueError naming the line."""
+    try:
+        rec = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected a JSON object with \"path\" and \"prompt\"")
+    if "super_high_quality_caption" in rec:          # the official HQ record form, trained with the align prompt
+        path, prompt, system = rec.get("image_path"), rec["super_high_quality_caption"], "align"
+    else:
+        path, prompt, system = rec.get("path"), rec.get("prompt"), default_system
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{where}: missing \"path\" (the image file, absolute or relative to the .jsonl)")
+    system = rec.get("system_prompt", system)
+    if not isinstance(system, str):
+        raise ValueError(f"{where}: \"system_prompt\" must be a string")
+    return {"path": os.path.join(base, path), "captions": parse_captions(prompt, where),
+            "system": system_prompt_text(system)}
+
+
+class Records:
+    """The .jsonl data file, read by line offsets: 60M records cost 60M offsets, not 60M dicts. Records are
+    parsed when used (the first 1000 are checked at start, so a wrong file fails at once)."""
+
+    def __init__(self, path, default_system="base"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"data file not found: {path} (expected a .jsonl file of "
+                                    "{\"path\", \"prompt\"} lines)")
+        self.path, self.base, self.default_system = path, os.path.dirname(os.path.abspath(path)), default_system
+        offsets, lines, pos = array.array("q"), array.array("q"), 0      # 8 bytes a record, not a Python int
+        with open(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    offsets.append(pos)
+                    lines.append(n)
+                pos += len(line)
+        if not offsets:
+            raise ValueError(f"{path}: no records (expected one JSON object per line)")
+        self.offsets, self.lines = np.frombuffer(offsets, dtype=np.int64), np.frombuffer(lines, dtype=np.int64)
+        self._file, self._pid = None, None
+        for i in range(min(len(self), 1000)):
+            self[i]
+
+    def __len__(self):
+        return len(self.offsets)
+
+    def __getstate__(self):     # DataLoader workers open their own handle
+        return {**self.__dict__, "_file": None, "_pid": None}
+
+    def where(self, i):
+        return f"{self.path}:{self.lines[i]}"
+
+    def __getitem__(self, i):
+        if self._pid != os.getpid():
+            self._file, self._pid = open(self.path, "rb"), os.getpid()
+        self._file.seek(int(self.offsets[i]))
+        return parse_record(self._file.readline(), self.base, self.where(i), self.default_system)
+
+
+def choose_caption(captions, rng, dropout, length_ratios, zh_ratio):
+    """(language, length) of the caption to train on, or None: dropped (the empty string, for CFG).
+    Exactly three draws, so the stream never depends on the record."""
+    drop, u_lang, u_len = rng.random(), rng.random(), rng.random()
+    if drop < dropout:
+        return None
+    lang = "zh" if u_lang < zh_ratio else "en"
+    if lang not in captions:
+        lang = next(iter(captions))
+    options = list(captions[lang])
+    weights = [length_ratios[LENGTHS.index(k)] if k in LENGTHS else 1.0 for k in options]
+    if sum(weights) <= 0:            # the record only has lengths this stage never draws: use what it has
+        weights = [1.0] * len(options)
+    u, total = u_len * sum(weights), 0.0
+    for k, w in zip(options, weights):
+        total += w
+        if u < total:
+            return lang, k
+    return lang, options[-1]
+
+
+def caption_text(record, choice):
+    """The text Gemma encodes: system prompt + caption; a dropped caption is "" without system prompt
+    (upstream)."""
+    return "" if choice is None else record["system"] + record["captions"][choice[0]][choice[1]]
+
+
+def caption_texts(record):
+    """Every (variant, text) of a record: what the cache encodes."""
+    return [((lang, k), caption_text(record, (lang, k))) for lang in record["captions"]
+            for k in record["captions"][lang]]
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The data stream: global positions -> records, every random choice seeded by the position
+
+
+def sample_seeds(seed, resolution, position):
+    """Two independent 63-bit seeds (captions, t + noise) for the sample at `position` of the data stream."""
+    a, b = np.random.SeedSequence([seed, resolution, position]).generate_state(2, np.uint64)
+    return int(a) >> 1, int(b) >> 1
+
+
+class Positions(torch.utils.data.Sampler):
+    """The (position, record index) pairs this rank reads. Step s covers global positions
+    [start + s G, start + (s + 1) G); rank r takes the r-th contiguous slice of G / W. Position p is record
+    perm_e[p mod N] of epoch e = p // N, with a permutation seeded by (seed, resolution, e)."""
+
+    def __init__(self, n_records, seed, resolution, start, steps, global_batch, rank, world):
+        self.n, self.seed, self.resolution, self.start = n_records, seed, resolution, start
+        self.steps, self.global_batch, self.rank, self.world = steps, global_batch, rank, world
+        self._epoch, self._perm = None, None
+
+    def index(self, position):
+        epoch, k = divmod(position, self.n)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = np.random.default_rng([self.seed, self.resolution, epoch]).permutation(self.n)
+        return int(self._perm[k])
+
+    def __len__(self):
+        return self.steps * (self.global_batch // self.world)
+
+    def __iter__(self):
+        local = self.global_batch // self.world
+        for s in range(self.steps):
+            first = self.start + s * self.global_batch + self.rank * local
+            for p in range(first, first + local):
+                yield p, self.index(p)
+
+
+class TrainSet(torch.utils.data.Dataset):
+    """Item (position, index) -> one training sample: the image (or, with a cache, its latent and caption
+    features), the caption text and the seed of its t and noise. An unreadable image (or record) is replaced
+    by the next record of the file; what was skipped comes back in the item, so the trainer can warn and
+    count."""
+
+    MAX_TRIES = 64
+
+    def __init__(self, records, crops, seed, resolution, caption_dropout, caption_ratios, zh_ratio, cache=None):
+        self.records, self.crops, self.cache = records, crops, cache
+        self.seed, self.resolution = seed, resolution
+        self.dropout, self.ratios, self.zh_ratio = caption_dropout, caption_ratios, zh_ratio
+
+    def __len__(self):
+        return len(self.records)
+
+    def load(self, index):
+        """(record, image [3, h, w] in [-1, 1]) or, with a cache, (record, cached tensors)."""
+        record = self.records[index]
+        try:
+            if self.cache is not None:
+                return record, self.cache.read(index)
+            return record, load_image(record["path"], self.crops)
+        except Exception as e:
+            raise ValueError(f"{record['path']}: {describe(e)}") from None
+
+    def __getitem__(self, item):
+        position, index = item
+        caption_seed, noise_seed = sample_seeds(self.seed, self.resolution, position)
+        skipped = []
+        for k in range(self.MAX_TRIES):
+            i = (index + k) % len(self.records)
+            try:
+                record, data = self.load(i)
+                break
+            except Exception as e:  # any decoding error of any image library: skip, report, go on
+                skipped.append((i, describe(e)))
+        else:
+            raise ValueError(f"{self.records.path}: {self.MAX_TRIES} records in a row from line "
+                             f"{self.records.lines[index]} could not be read (last: {skipped[-1][1]})")
+        choice = choose_caption(record["captions"], random.Random(caption_seed), self.dropout, self.ratios,
+                                self.zh_ratio)
+        out = {"position": position, "index": i, "noise_seed": noise_seed, "skipped": skipped,
+               "text": caption_text(record, choice)}
+        if self.cache is None:
+            out["image"] = data
+        else:
+            out["latent"] = data["latent"]
+            out["text_feats"] = data[Cache.text_key(choice)] if choice is not None else self.cache.empty
+        return out
+
+
+def collate(items):
+    """A micro-batch stays a list: its images have different sizes (one aspect bucket each)."""
+    return items
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Latent statistics of the data
+
+
+def accumulate_stats(records, indices, crops, encode_images, cache=None, batch=16, warn=print):
+    """Per-channel moments of the DINOv3 features of records[indices] as cropped for training (from the cache
+    when there is one). encode_images: list of [3, h, w] -> list of [C, h/16, w/16]. Unreadable images are
+    skipped with a warning. Returns a StatsAccumulator (svgt2i)."""
+    acc, images = StatsAccumulator(), []
+
+    def flush():
+        for f in encode_images(images) if images else ():
+            acc.update(f[None])
+        images.clear()
+
+    for i in indices:
+        try:
+            if cache is not None:
+                acc.update(cache.read(i)["latent"][None])
+                continue
+            images.append(load_image(records[i]["path"], crops))
+        except Exception as e:
+            warn(f"warning: statistics skip {records.where(i)} ({describe(e)})")
+            continue
+        if len(images) == batch:
+            flush()
+    flush()
+    return acc
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The optional feature cache: DINOv3 latents and Gemma features precomputed on disk
+
+
+class Cache:
+    """DIR/meta.json (what the features depend on), DIR/empty.safetensors (the dropped caption),
+    DIR/{i // 10000:05d}/{i:09d}.safetensors per record: "latent" [C, h, w] raw fp32 DINOv3 features and
+    "text.{language}.{length}" [n_tokens, D] Gemma features of every caption variant (valid tokens only;
+    padding is re-added per batch, which changes nothing: Gemma is causal and NextDiT masks padded keys).
+    An unreadable image gets a DIR/.../{i:09d}.bad file instead, and is skipped like an unreadable image.
+    Filling is shared out by the caller (each rank fills its own records); then one process calls finish()."""
+
+    def __init__(self, folder, meta):
+        """`meta`: what the features depend on. An existing cache built for other settings is refused."""
+        self.folder, self.meta, self.empty = Path(folder), dict(meta), None
+        if (self.folder / "meta.json").is_file():
+            old = json.loads((self.folder / "meta.json").read_text())
+            diff = [k for k in meta if old.get(k) != meta[k]]
+            if diff:
+                raise ValueError(f"--cache {folder} was built for other settings ({', '.join(diff)} differ): use "
+                                 "another cache folder")
+            self.meta = old
+
+    @staticmethod
+    def text_key(choice):
+        return f"text.{choice[0]}.{choice[1]}"
+
+    def file(self, i, suffix=".safetensors"):
+        return self.folder / f"{i // 10000:05d}" / f"{i:09d}{suffix}"
+
+    def missing(self, indices):
+        return [i for i in indices if not self.file(i).exists() and not self.file(i, ".bad").exists()]
+
+    def read(self, i):
+        if self.file(i, ".bad").exists():
+            raise ValueError(self.file(i, ".bad").read_text().strip())
+        return load_file(str(self.file(i)))
+
+    def write_empty(self, encode_texts, max_text_len):
+        """The features of the dropped caption, "" (one process writes it)."""
+        if not (self.folder / "empty.safetensors").exists():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            feats, mask = encode_texts([""], max_text_len)
+            empty = {"text": feats[0, :int(mask[0].sum())].cpu().contiguous()}
+            atomic_write(self.folder / "empty.safetensors", lambda tmp: save_file(empty, str(tmp)))
+
+    def fill(self, indices, records, crops, encode_images, encode_texts, max_text_len):
+        """Encode and write records[indices]; an unreadable image gets its .bad file."""
+        images, texts, good = [], [], []
+        for i in indices:
+            self.file(i).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                record = records[i]
+                images.append(load_image(record["path"], crops))
+            except Exception as e:
+                atomic_write(self.file(i, ".bad"), lambda tmp: tmp.write_text(describe(e)))
+                continue
+            texts.append([(self.text_key(c), t) for c, t in caption_texts(record)])
+            good.append(i)
+        if not good:
+            return
+        latents = encode_images(images)
+        feats, mask = encode_texts([t for per in texts for _, t in per], max_text_len)
+        lens = mask.sum(1).tolist()
+        k = 0
+        for i, latent, per in zip(good, latents, texts):
+            tensors = {"latent": latent.cpu().contiguous()}
+            for key, _ in per:
+                tensors[key] = feats[k, :lens[k]].cpu().contiguous()
+                k += 1
+            atomic_write(self.file(i), lambda tmp: save_file(tensors, str(tmp)))
+
+    def finish(self, n_records):
+        """Record the feature widths (so a model can be built without loading the encoders) in meta.json."""
+        for i in range(n_records):
+            if self.file(i).exists():
+                d = load_file(str(self.file(i)))
+                self.meta["latent_channels"] = d["latent"].shape[0]
+                self.meta["text_dim"] = next(v for k, v in d.items() if k.startswith("text.")).shape[1]
+                break
+        self.folder.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.meta, indent=1)
+        atomic_write(self.folder / "meta.json", lambda tmp: tmp.write_text(text))
+
+    def load(self):
+        """After filling: the finished meta.json and the dropped caption's features."""
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        self.empty = load_file(str(self.folder / "empty.safetensors"))["text"]
+        return self

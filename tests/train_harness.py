@@ -1,0 +1,64 @@
+"""train.py with test instruments, which the user command line does not have. Run as a script (torchrun can
+launch it) or use `instruments` in-process:
+
+    python tests/train_harness.py [--kill-after-step N] [--dump-grads] -- TRAIN.PY ARGUMENTS
+
+--kill-after-step N  SIGKILL this process when step N + 1 begins its update (step N is logged and, if it is a
+                     save step, checkpointed), to prove that a killed run resumes exactly
+--dump-grads         save every step's gradients of the global mean loss (all-reduced, before clipping) as
+                     OUT/grads-{step:07d}-rank{r}.safetensors, keys p000, p001, ... in parameter order
+
+Both hook torch.nn.utils.clip_grad_norm_, which train.py calls once per optimizer step, after backward.
+"""
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+@contextlib.contextmanager
+def instruments(out, kill_after_step=None, dump_grads=False):
+    clip = torch.nn.utils.clip_grad_norm_
+    step = [0]
+
+    def hooked(params, *args, **kwargs):
+        params = list(params)
+        step[0] += 1
+        if kill_after_step is not None and step[0] == kill_after_step + 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if dump_grads:
+            rank = os.environ.get("RANK", "0")
+            grads = {f"p{i:03d}": p.grad.detach().cpu().contiguous() for i, p in enumerate(params)
+                     if p.grad is not None}
+            save_file(grads, str(Path(out) / f"grads-{step[0]:07d}-rank{rank}.safetensors"))
+        return clip(params, *args, **kwargs)
+
+    torch.nn.utils.clip_grad_norm_ = hooked
+    try:
+        yield
+    finally:
+        torch.nn.utils.clip_grad_norm_ = clip
+
+
+def main():
+    argv = sys.argv[1:]
+    split = argv.index("--")
+    p = argparse.ArgumentParser()
+    p.add_argument("--kill-after-step", type=int, default=None)
+    p.add_argument("--dump-grads", action="store_true")
+    mine, theirs = p.parse_args(argv[:split]), argv[split + 1:]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import train
+    out = theirs[theirs.index("--out") + 1]
+    with instruments(out, mine.kill_after_step, mine.dump_grads):
+        train.main(theirs)
+
+
+if __name__ == "__main__":
+    main()
