@@ -359,18 +359,19 @@ class NextDiT(nn.Module):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def _check_inputs(self, x, t, cap_feats, cap_mask):
+    def _check_images(self, x):
+        """x as a list of [C, H, W] latents, checked against the config."""
         cfg, p = self.config, self.config.patch_size
         if isinstance(x, torch.Tensor):
             if x.ndim != 4 or x.shape[0] == 0:
-                raise ValueError(f"NextDiT: x must be [B, C, H, W] or a list of [C, H, W], got shape {tuple(x.shape)}")
+                raise ValueError(f"NextDiT: x must be [B, C, H, W] or a list of [C, H, W], got shape "
+                                 f"{tuple(x.shape)}")
             imgs = list(x.unbind(0))
         elif isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(i, torch.Tensor) and i.ndim == 3
                                                                   for i in x):
             imgs = list(x)
         else:
             raise ValueError("NextDiT: x must be a [B, C, H, W] tensor or a non-empty list of [C, H, W] tensors")
-        B = len(imgs)
         for img in imgs:
             C, H, W = img.shape
             if C != cfg.in_channels or H % p or W % p or H == 0 or W == 0:
@@ -379,79 +380,109 @@ class NextDiT(nn.Module):
             if H // p >= cfg.axes_lens[1] or W // p >= cfg.axes_lens[2]:
                 raise ValueError(f"NextDiT: latent grid {H // p}x{W // p} exceeds the RoPE range "
                                  f"{cfg.axes_lens[1] - 1}x{cfg.axes_lens[2] - 1}")
+        return imgs
+
+    def _check_captions(self, cap_feats, cap_mask, B):
+        """The number of valid tokens of each caption (a list of ints), checked."""
+        cfg = self.config
         if cap_feats.ndim != 3 or cap_feats.shape[0] != B or cap_feats.shape[2] != cfg.cap_feat_dim:
-            raise ValueError(f"NextDiT: cap_feats must be [B={B}, L, {cfg.cap_feat_dim}], got {tuple(cap_feats.shape)}")
+            raise ValueError(f"NextDiT: cap_feats must be [B={B}, L, {cfg.cap_feat_dim}], got "
+                             f"{tuple(cap_feats.shape)}")
         if tuple(cap_mask.shape) != tuple(cap_feats.shape[:2]):
             raise ValueError(f"NextDiT: cap_mask must be [B, L] = {tuple(cap_feats.shape[:2])}, "
                              f"got {tuple(cap_mask.shape)}")
-        t = torch.as_tensor(t, device=cap_feats.device)
-        t = t.expand(B) if t.ndim == 0 else t
-        if t.shape != (B,):
-            raise ValueError(f"NextDiT: t must be [B={B}] (or a scalar), got shape {tuple(t.shape)}")
         mask = cap_mask.bool()
         cap_lens = mask.sum(1)
         if not torch.equal(mask, torch.arange(mask.shape[1], device=mask.device) < cap_lens[:, None]):
             raise ValueError("NextDiT: cap_mask must be right-padded (valid tokens first, then padding)")
         cap_lens = cap_lens.tolist()
         if min(cap_lens) < 1 or max(cap_lens) >= cfg.axes_lens[0]:
-            raise ValueError(f"NextDiT: every caption needs 1 to {cfg.axes_lens[0] - 1} valid tokens (image tokens "
-                             f"sit at RoPE position cap_len), got {min(cap_lens)} to {max(cap_lens)}")
-        return imgs, t, cap_lens
+            raise ValueError(f"NextDiT: every caption needs 1 to {cfg.axes_lens[0] - 1} valid tokens (image "
+                             f"tokens sit at RoPE position cap_len), got {min(cap_lens)} to {max(cap_lens)}")
+        return cap_lens
 
-    def forward(self, x, t, cap_feats, cap_mask):
-        """
-        x: [B, C, H, W] or a list of B latents [C, H_i, W_i]; t: [B] in [0, 1] (1 = data);
-        cap_feats: [B, L, cap_feat_dim]; cap_mask: [B, L], right-padded, bool or 0/1.
-        Returns the velocity in x's form: [B, C, H, W] or a list of [C, H_i, W_i].
-        """
+    def context(self, cap_feats, cap_mask, sizes):
+        """Everything a forward needs besides x and t, for captions [B, L, cap_feat_dim] / [B, L] and latent
+        sizes [(H_i, W_i)]: the joint sequence's layout (lengths, RoPE tables, key masks) and the captions
+        through the context refiner, which sees neither x nor t. A sampler computes it once per image and
+        passes it to every step (forward(x, t, context=...)); training computes it in each forward."""
         cfg, p, device = self.config, self.config.patch_size, cap_feats.device
-        imgs, t, cap_lens = self._check_inputs(x, t, cap_feats, cap_mask)
-        if not torch.is_autocast_enabled(device.type):
-            dtype = self.x_embedder.weight.dtype
-            imgs, cap_feats = [i.to(dtype) for i in imgs], cap_feats.to(dtype)
-        # The joint residual stream has the latents' dtype (the official buffer dtype; fp32 under autocast).
-        dtype = imgs[0].dtype
-        grids = [(i.shape[1] // p, i.shape[2] // p) for i in imgs]
+        cap_lens = self._check_captions(cap_feats, cap_mask, len(sizes))
+        grids = [(H // p, W // p) for H, W in sizes]
         img_lens = [h * w for h, w in grids]
         seq_lens = [c + n for c, n in zip(cap_lens, img_lens)]
         Lc, N, S = max(cap_lens), max(img_lens), max(seq_lens)
+        if not torch.is_autocast_enabled(device.type):
+            cap_feats = cap_feats.to(self.x_embedder.weight.dtype)
 
-        t_emb = self.t_embedder(t)  # [B, t_dim]: the only adaLN input
-
-        # RoPE for the joint sequence, and its caption / image rows for the refiners (identical on valid rows).
-        pos = position_ids(cap_lens, grids)  # [B, S, 3]
-        cap_pos = pos[:, :Lc]  # rows past a sample's cap_len are padded queries/keys: their values never matter
+        # RoPE for the joint sequence, and its caption / image rows for the refiners (identical on valid rows)
+        pos = position_ids(cap_lens, grids)                        # [B, S, 3]
+        cap_pos = pos[:, :Lc]            # rows past a sample's cap_len are padding: their values never matter
         img_pos = pad_sequence([pos[i, c:c + n] for i, (c, n) in enumerate(zip(cap_lens, img_lens))],
-                               batch_first=True)  # (cap_len_i, r, c): a common axis-0 offset, cancels in q.k
+                               batch_first=True)                   # [B, N, 3]: (cap_len_i, r, c), a common
+        #                                                            axis-0 offset that cancels in q.k
         rope = [rope_cos_sin(ids.to(device), cfg.axes_dims, cfg.rope_theta) for ids in (pos, cap_pos, img_pos)]
-        (cos, sin), (cap_cos, cap_sin), (img_cos, img_sin) = rope
 
-        # Context refiner on the valid captions (truncated to the longest; padded keys masked).
-        cap = self.cap_embedder(cap_feats[:, :Lc])  # [B, Lc, dim]
+        # Context refiner on the valid captions (truncated to the longest; padded keys masked)
+        cap = self.cap_embedder(cap_feats[:, :Lc])                  # [B, Lc, dim]
         cap_mask = length_mask(cap_lens, Lc, device)
         for block in self.context_refiner:
-            cap = block(cap, cap_mask, cap_cos, cap_sin)
+            cap = block(cap, cap_mask, *rope[1])                   # [B, Lc, dim]
+        return Context(cap, cap_lens, grids, rope[0], rope[2], length_mask(img_lens, N, device),
+                       length_mask(seq_lens, S, device))
 
-        # Noise refiner on the image tokens alone.
+    def forward(self, x, t, cap_feats=None, cap_mask=None, context=None):
+        """
+        x: [B, C, H, W] or a list of B latents [C, H_i, W_i]; t: [B] in [0, 1] (1 = data); the captions as
+        cap_feats [B, L, cap_feat_dim] with cap_mask [B, L] (right-padded, bool or 0/1), or as the `context`
+        of those captions and sizes (self.context). Returns the velocity in x's form: [B, C, H, W] or a list.
+        """
+        cfg, p = self.config, self.config.patch_size
+        imgs = self._check_images(x)
+        sizes = [tuple(i.shape[1:]) for i in imgs]
+        ctx = context if context is not None else self.context(cap_feats, cap_mask, sizes)
+        if [(H // p, W // p) for H, W in sizes] != ctx.grids:
+            raise ValueError(f"NextDiT: latent sizes {sizes} do not match the context's grids {ctx.grids}")
+        t = torch.as_tensor(t, device=ctx.cap.device)
+        t = t.expand(len(imgs)) if t.ndim == 0 else t
+        if t.shape != (len(imgs),):
+            raise ValueError(f"NextDiT: t must be [B={len(imgs)}] (or a scalar), got shape {tuple(t.shape)}")
+        if not torch.is_autocast_enabled(ctx.cap.device.type):
+            imgs = [i.to(self.x_embedder.weight.dtype) for i in imgs]
+        dtype = imgs[0].dtype      # the joint stream's dtype: the latents' (fp32 under autocast, as upstream)
+        lens = [(c, h * w) for c, (h, w) in zip(ctx.cap_lens, ctx.grids)]
+
+        t_emb = self.t_embedder(t)                                                  # [B, t_dim]
+
+        # Noise refiner on the image tokens alone
         img = self.x_embedder(pad_sequence([patchify(i, p) for i in imgs], batch_first=True))  # [B, N, dim]
-        img_mask = length_mask(img_lens, N, device)
         for block in self.noise_refiner:
-            img = block(img, img_mask, img_cos, img_sin, t_emb)
+            img = block(img, ctx.img_mask, *ctx.img_rope, t_emb)                    # [B, N, dim]
 
-        # Joint sequence per sample: [valid caption, image, padding].
-        h = pad_sequence([torch.cat([cap[i, :c], img[i, :n]]).to(dtype) for i, (c, n) in
-                          enumerate(zip(cap_lens, img_lens))], batch_first=True)  # [B, S, dim]
-        mask = length_mask(seq_lens, S, device)
+        # Joint sequence per sample: [valid caption, image, padding]
+        h = pad_sequence([torch.cat([ctx.cap[i, :c], img[i, :n]]).to(dtype) for i, (c, n) in enumerate(lens)],
+                         batch_first=True)                                          # [B, S, dim]
         for block in self.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, mask, cos, sin, t_emb, use_reentrant=False)
+                h = checkpoint(block, h, ctx.mask, *ctx.rope, t_emb, use_reentrant=False)
             else:
-                h = block(h, mask, cos, sin, t_emb)
-        h = self.final_layer(h, t_emb)  # [B, S, p * p * C]
+                h = block(h, ctx.mask, *ctx.rope, t_emb)                            # [B, S, dim]
+        h = self.final_layer(h, t_emb)                                              # [B, S, p * p * C]
 
-        out = [unpatchify(h[i, c:c + n], *grids[i], p, cfg.in_channels)
-               for i, (c, n) in enumerate(zip(cap_lens, img_lens))]
-        return torch.stack(out) if isinstance(x, torch.Tensor) else out
+        out = [unpatchify(h[i, c:c + n], *ctx.grids[i], p, cfg.in_channels) for i, (c, n) in enumerate(lens)]
+        return torch.stack(out) if isinstance(x, torch.Tensor) else out             # B x [C, H_i, W_i]
+
+
+@dataclass
+class Context:
+    """NextDiT.context: the refined captions and the layout of a batch's joint sequences."""
+    cap: torch.Tensor        # [B, Lc, dim] caption tokens after the context refiner
+    cap_lens: list           # valid caption tokens per sample
+    grids: list              # (h, w) image token grid per sample
+    rope: tuple              # (cos, sin) [B, S, head_dim // 2] of the joint sequence
+    img_rope: tuple          # (cos, sin) [B, N, head_dim // 2] of the image tokens alone
+    img_mask: torch.Tensor   # [B, N] valid image tokens, or None when none is padded
+    mask: torch.Tensor       # [B, S] valid joint tokens, or None when none is padded
 
 
 # ----------------------------------------------------------------------------------------------------------------

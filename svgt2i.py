@@ -153,15 +153,24 @@ class Guidance:
 
 def guided_velocity(model, cap_feats, cap_mask, guidance, dtype=None):
     """Return velocity(x, t) for the samplers. With guidance on, `cap_feats`/`cap_mask` hold the B
-    conditional rows followed by the B unconditional rows, and one batched forward computes both."""
+    conditional rows followed by the B unconditional rows, and one batched forward computes both. What does
+    not change between steps (the refined captions, RoPE tables, masks: NextDiT.context) is computed once."""
+    contexts = {}
+
+    def context(rows, x):
+        key = (rows, tuple(x.shape[2:]))
+        if key not in contexts:
+            contexts[key] = model.context(cap_feats[:rows], cap_mask[:rows], [tuple(x.shape[2:])] * rows)
+        return contexts[key]
+
     def velocity(x, t):
         B = x.shape[0]
         xin = x.to(dtype) if dtype is not None else x
         if not guidance.active or t >= guidance.trunc:
             tt = torch.full((B,), t, device=x.device, dtype=torch.float32)
-            return model(xin, tt, cap_feats[:B], cap_mask[:B]).to(x.dtype)
+            return model(xin, tt, context=context(B, x)).to(x.dtype)
         tt = torch.full((2 * B,), t, device=x.device, dtype=torch.float32)
-        out = model(torch.cat([xin, xin]), tt, cap_feats, cap_mask).to(x.dtype)   # [2B, C, h, w]
+        out = model(torch.cat([xin, xin]), tt, context=context(2 * B, x)).to(x.dtype)   # [2B, C, h, w]
         cond, uncond = out.chunk(2)
         g = uncond + guidance.scale * (cond - uncond)
         if guidance.renorm > 0:

@@ -140,15 +140,21 @@ def test_dpm_first_step_is_euler_and_second_is_multistep():
 # Guidance
 
 class FakeDiT(torch.nn.Module):
-    """Velocity = x * (1 + mean caption feature); records the batch sizes it was called with."""
+    """Velocity = x * (1 + mean caption feature); records the batch sizes it was called with. Speaks NextDiT's
+    protocol: context(cap_feats, cap_mask, sizes) once, then forward(x, t, context=...) per step."""
 
     def __init__(self):
         super().__init__()
         self.calls = []
 
-    def forward(self, x, t, cap_feats, cap_mask):
+    def context(self, cap_feats, cap_mask, sizes):
+        assert len(sizes) == cap_feats.shape[0] == cap_mask.shape[0]
+        return cap_feats
+
+    def forward(self, x, t, cap_feats=None, cap_mask=None, context=None):
         self.calls.append(x.shape[0])
         assert t.shape == (x.shape[0],)
+        cap_feats = context if context is not None else cap_feats
         return x * (1 + cap_feats.mean(dim=(1, 2))).view(-1, 1, 1, 1)
 
 

@@ -214,6 +214,21 @@ def test_extra_caption_padding_changes_nothing():
         assert not torch.allclose(model(x, t, cap_feats, cap_mask)[0], out[0], atol=1e-4)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_context_computed_once_equals_per_call(padded):
+    """Sampling computes NextDiT.context once per image: the same bits as computing it in every forward, at
+    every t, and the context refiner's output depends on the captions only."""
+    model = tiny_model()
+    cap_feats, cap_mask = captions([5, 3] if padded else [5, 5], 7)
+    x = torch.randn(2, 8, 4, 6)
+    ctx = model.context(cap_feats, cap_mask, [(4, 6)] * 2)
+    for t in (torch.tensor([0.1, 0.9]), torch.tensor([0.5, 0.5])):
+        assert torch.equal(model(x, t, cap_feats, cap_mask), model(x, t, context=ctx))
+        assert torch.equal(model(x * 2, t, cap_feats, cap_mask), model(x * 2, t, context=ctx))
+    with pytest.raises(ValueError, match="do not match the context"):
+        model(torch.randn(2, 8, 4, 4), torch.rand(2), context=ctx)
+
+
 def test_no_mask_when_nothing_is_padded(monkeypatch):
     calls = []
     sdpa = F.scaled_dot_product_attention
