@@ -1,18 +1,20 @@
 """
 The training data: a .jsonl of records becomes deterministic, per-position training samples.
 
-    record   {"path": "img.jpg", "prompt": "a cat"}            one line of the data file (paths relative to it)
-    crop     the official aspect bucket closest to the image's aspect, ~resolution^2 pixels
-    caption  one variant of the prompt (short/middle/long, en/zh), drawn with the paper's ratios, or dropped
-    position the sample's place in the data stream; every random choice of a sample is seeded by it
+    record    {"path": "img.jpg", "prompt": "a cat"}: a line of the data file (paths relative to it)
+    crop      the official aspect bucket closest to the image's aspect, about resolution^2 pixels
+    caption   one variant of the prompt (short/middle/long, en/zh), drawn with the paper's ratios,
+              or dropped (the empty caption, for guidance)
+    position  the sample's place in the data stream; every random choice of a sample is seeded by it
 
-So a run reads the same samples on any number of GPUs for the same global batch, and a resumed run continues
-bit for bit. Optionally the DINOv3 latents and Gemma features of every record are precomputed into a cache.
-No torch.distributed and no models here: the encoders are passed in as functions.
+So a run reads the same samples on any number of GPUs for the same global batch, and a resumed run
+continues bit for bit. Optionally the DINOv3 latents and Gemma features of every record are
+precomputed into a cache. No torch.distributed and no models here: the encoders are passed
+in as functions.
 
-"prompt" may hold caption variants, {"short": .., "middle": .., "long": ..} and/or {"en": .., "zh": ..}.
-Optional "system_prompt" (a name from svgt2i.SYSTEM_PROMPTS or a literal). The official HQ record form
-{"image_path", "super_high_quality_caption"} gets the "align" prompt.
+"prompt" may hold caption variants, {"short": .., "middle": .., "long": ..} and/or
+{"en": .., "zh": ..}. Optional "system_prompt" (a name from svgt2i.SYSTEM_PROMPTS or a literal).
+The official HQ record form {"image_path", "super_high_quality_caption"} gets the "align" prompt.
 """
 
 import array
@@ -37,21 +39,22 @@ def describe(e):
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Images: the official aspect-ratio crops
 
 
 def crop_size_list(num_patches, patch=16, max_ratio=4.0):
-    """Crop sizes (w, h) in px of at most `num_patches` patches and aspect at most max_ratio, as the official
-    generate_crop_size_list: walk the width down from num_patches patches while the height grows as far as
-    the budget allows, i.e. for w patches the heights num_patches // (w + 1) .. num_patches // w; a side is
-    kept only if side_px // 32 is even (with 16 px patches: n mod 4 is 0 or 1). 256 px -> 15 sizes, 512 -> 27,
-    1024 -> 51."""
+    """Crop sizes (w, h) in px of at most `num_patches` patches and aspect at most max_ratio, as
+    the official generate_crop_size_list: walk the width down from num_patches patches while the
+    height grows as far as the budget allows, i.e. for w patches the heights num_patches // (w + 1)
+    .. num_patches // w; a side is kept only if side_px // 32 is even
+    (with 16 px patches: n mod 4 is 0 or 1). 256 px -> 15 sizes, 512 -> 27, 1024 -> 51."""
     sizes = []
     for wp in range(num_patches, 0, -1):
         for hp in range(max(1, num_patches // (wp + 1)), num_patches // wp + 1):
             w, h = wp * patch, hp * patch
-            if max(wp, hp) / min(wp, hp) <= max_ratio and (w // 32) % 2 == 0 and (h // 32) % 2 == 0:
+            even = (w // 32) % 2 == 0 and (h // 32) % 2 == 0
+            if max(wp, hp) / min(wp, hp) <= max_ratio and even:
                 sizes.append((w, h))
     return sizes
 
@@ -62,8 +65,8 @@ def crops_for(resolution):
 
 
 def closest_crop(width, height, crops):
-    """The crop whose aspect is closest to the image's: largest min(cw/w, ch/h) / max(cw/w, ch/h); ties go
-    to the larger (w, h) (the official `var_center_crop` with random_top_k=1)."""
+    """The crop whose aspect is closest to the image's: largest min(cw/w, ch/h) / max(cw/w, ch/h);
+    ties go to the larger (w, h) (the official `var_center_crop` with random_top_k=1)."""
     def kept(c):
         sw, sh = c[0] / width, c[1] / height
         return min(sw, sh) / max(sw, sh)
@@ -71,13 +74,14 @@ def closest_crop(width, height, crops):
 
 
 def center_crop(image, size):
-    """Box-halve while both sides are at least twice the crop, bicubic-resize so the crop just fits, cut the
-    middle."""
+    """Box-halve while both sides are at least twice the crop, bicubic-resize so the crop just
+    fits, cut the middle."""
     cw, ch = size
     while image.width >= 2 * cw and image.height >= 2 * ch:
         image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
     scale = max(cw / image.width, ch / image.height)
-    image = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.BICUBIC)
+    image = image.resize((round(image.width * scale), round(image.height * scale)),
+                         resample=Image.BICUBIC)
     left, top = (image.width - cw) // 2, (image.height - ch) // 2
     return image.crop((left, top, left + cw, top + ch))
 
@@ -93,25 +97,28 @@ def to_rgb(image):
 
 
 def load_image(path, crops):
-    """The training view of an image: [3, h, w] in [-1, 1], cropped to its closest aspect bucket."""
+    """The training view of an image: [3, h, w] in [-1, 1], cropped to its closest
+    aspect bucket."""
     with Image.open(path) as im:
         im.load()
         image = to_rgb(im)
-    return images_to_tensor([center_crop(image, closest_crop(image.width, image.height, crops))])[0]
+    return images_to_tensor([center_crop(image,
+                                         closest_crop(image.width, image.height, crops))])[0]
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Records and captions
 
 
 def parse_captions(prompt, where):
-    """A record's "prompt" -> {language: {length: caption}}. A plain string is one caption ("en", "any")."""
+    """A record's "prompt" -> {language: {length: caption}}. A plain string is one caption
+    ("en", "any")."""
     def lengths(value, lang):
         if value is None or isinstance(value, str):
             return {"any": value or ""}
         if not isinstance(value, dict) or not value or set(value) - set(LENGTHS):
-            raise ValueError(f"{where}: prompt[{lang!r}] must be a string or an object with keys among "
-                             f"{', '.join(LENGTHS)}")
+            raise ValueError(f"{where}: prompt[{lang!r}] must be a string or an object with keys "
+                             f"among {', '.join(LENGTHS)}")
         if not all(isinstance(v, str) for v in value.values()):
             raise ValueError(f"{where}: caption variants must be strings")
         return dict(value)
@@ -119,8 +126,8 @@ def parse_captions(prompt, where):
     if isinstance(prompt, dict) and prompt and set(prompt) <= set(LANGUAGES):
         return {lang: lengths(v, lang) for lang, v in prompt.items()}
     if isinstance(prompt, dict) and set(prompt) - set(LENGTHS):
-        raise ValueError(f"{where}: unknown caption keys {sorted(set(prompt) - set(LENGTHS))}: use "
-                         f"{', '.join(LENGTHS)} and/or {', '.join(LANGUAGES)}")
+        raise ValueError(f"{where}: unknown caption keys {sorted(set(prompt) - set(LENGTHS))}: "
+                         f"use {', '.join(LENGTHS)} and/or {', '.join(LANGUAGES)}")
     return {"en": lengths(prompt, "en")}
 
 
@@ -132,12 +139,13 @@ def parse_record(line, base, where, default_system="base"):
         raise ValueError(f"{where}: not valid JSON ({e})") from None
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: expected a JSON object with \"path\" and \"prompt\"")
-    if "super_high_quality_caption" in rec:          # the official HQ record form, trained with the align prompt
+    if "super_high_quality_caption" in rec:      # the official HQ form, trained with "align"
         path, prompt, system = rec.get("image_path"), rec["super_high_quality_caption"], "align"
     else:
         path, prompt, system = rec.get("path"), rec.get("prompt"), default_system
     if not isinstance(path, str) or not path:
-        raise ValueError(f"{where}: missing \"path\" (the image file, absolute or relative to the .jsonl)")
+        raise ValueError(f"{where}: missing \"path\" (the image file, absolute or relative to the "
+                         ".jsonl)")
     system = rec.get("system_prompt", system)
     if not isinstance(system, str):
         raise ValueError(f"{where}: \"system_prompt\" must be a string")
@@ -146,15 +154,17 @@ def parse_record(line, base, where, default_system="base"):
 
 
 class Records:
-    """The .jsonl data file, read by line offsets: 60M records cost 60M offsets, not 60M dicts. Records are
-    parsed when used (the first 1000 are checked at start, so a wrong file fails at once)."""
+    """The .jsonl data file, read by line offsets: 60M records cost 60M offsets, not 60M dicts.
+    Records are parsed when used (the first 1000 are checked at start, so a wrong file
+    fails at once)."""
 
     def __init__(self, path, default_system="base"):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"data file not found: {path} (expected a .jsonl file of "
                                     "{\"path\", \"prompt\"} lines)")
-        self.path, self.base, self.default_system = path, os.path.dirname(os.path.abspath(path)), default_system
-        offsets, lines, pos = array.array("q"), array.array("q"), 0      # 8 bytes a record, not a Python int
+        self.path, self.base = path, os.path.dirname(os.path.abspath(path))
+        self.default_system = default_system
+        offsets, lines, pos = array.array("q"), array.array("q"), 0  # 8 bytes a record, not an int
         with open(path, "rb") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
@@ -163,7 +173,8 @@ class Records:
                 pos += len(line)
         if not offsets:
             raise ValueError(f"{path}: no records (expected one JSON object per line)")
-        self.offsets, self.lines = np.frombuffer(offsets, dtype=np.int64), np.frombuffer(lines, dtype=np.int64)
+        self.offsets = np.frombuffer(offsets, dtype=np.int64)
+        self.lines = np.frombuffer(lines, dtype=np.int64)
         self._file, self._pid = None, None
         for i in range(min(len(self), 1000)):
             self[i]
@@ -195,7 +206,7 @@ def choose_caption(captions, rng, dropout, length_ratios, zh_ratio):
         lang = next(iter(captions))
     options = list(captions[lang])
     weights = [length_ratios[LENGTHS.index(k)] if k in LENGTHS else 1.0 for k in options]
-    if sum(weights) <= 0:            # the record only has lengths this stage never draws: use what it has
+    if sum(weights) <= 0:       # only lengths this stage never draws: use what the record has
         weights = [1.0] * len(options)
     u, total = u_len * sum(weights), 0.0
     for k, w in zip(options, weights):
@@ -206,8 +217,8 @@ def choose_caption(captions, rng, dropout, length_ratios, zh_ratio):
 
 
 def caption_text(record, choice):
-    """The text Gemma encodes: system prompt + caption; a dropped caption is "" without system prompt
-    (upstream)."""
+    """The text Gemma encodes: system prompt + caption; a dropped caption is "" without system
+    prompt (upstream)."""
     return "" if choice is None else record["system"] + record["captions"][choice[0]][choice[1]]
 
 
@@ -217,20 +228,22 @@ def caption_texts(record):
             for k in record["captions"][lang]]
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # The data stream: global positions -> records, every random choice seeded by the position
 
 
 def sample_seeds(seed, resolution, position):
-    """Two independent 63-bit seeds (captions, t + noise) for the sample at `position` of the data stream."""
+    """Two independent 63-bit seeds (captions, t + noise) for the sample at `position` of the
+    data stream."""
     a, b = np.random.SeedSequence([seed, resolution, position]).generate_state(2, np.uint64)
     return int(a) >> 1, int(b) >> 1
 
 
 class Positions(torch.utils.data.Sampler):
     """The (position, record index) pairs this rank reads. Step s covers global positions
-    [start + s G, start + (s + 1) G); rank r takes the r-th contiguous slice of G / W. Position p is record
-    perm_e[p mod N] of epoch e = p // N, with a permutation seeded by (seed, resolution, e)."""
+    [start + s G, start + (s + 1) G); rank r takes the r-th contiguous slice of G / W. Position p
+    is record perm_e[p mod N] of epoch e = p // N, with a permutation seeded by
+    (seed, resolution, e)."""
 
     def __init__(self, n_records, seed, resolution, start, steps, global_batch, rank, world):
         self.n, self.seed, self.resolution, self.start = n_records, seed, resolution, start
@@ -241,7 +254,8 @@ class Positions(torch.utils.data.Sampler):
         epoch, k = divmod(position, self.n)
         if epoch != self._epoch:
             self._epoch = epoch
-            self._perm = np.random.default_rng([self.seed, self.resolution, epoch]).permutation(self.n)
+            self._perm = np.random.default_rng([self.seed, self.resolution,
+                                                epoch]).permutation(self.n)
         return int(self._perm[k])
 
     def __len__(self):
@@ -256,14 +270,15 @@ class Positions(torch.utils.data.Sampler):
 
 
 class TrainSet(torch.utils.data.Dataset):
-    """Item (position, index) -> one training sample: the image (or, with a cache, its latent and caption
-    features), the caption text and the seed of its t and noise. An unreadable image (or record) is replaced
-    by the next record of the file; what was skipped comes back in the item, so the trainer can warn and
-    count."""
+    """Item (position, index) -> one training sample: the image
+    (or, with a cache, its latent and caption features), the caption text and the seed of its t and
+    noise. An unreadable image (or record) is replaced by the next record of the file; what was
+    skipped comes back in the item, so the trainer can warn and count."""
 
     MAX_TRIES = 64
 
-    def __init__(self, records, crops, seed, resolution, caption_dropout, caption_ratios, zh_ratio, cache=None):
+    def __init__(self, records, crops, seed, resolution, caption_dropout, caption_ratios, zh_ratio,
+                 cache=None):
         self.records, self.crops, self.cache = records, crops, cache
         self.seed, self.resolution = seed, resolution
         self.dropout, self.ratios, self.zh_ratio = caption_dropout, caption_ratios, zh_ratio
@@ -294,16 +309,17 @@ class TrainSet(torch.utils.data.Dataset):
                 skipped.append((i, describe(e)))
         else:
             raise ValueError(f"{self.records.path}: {self.MAX_TRIES} records in a row from line "
-                             f"{self.records.lines[index]} could not be read (last: {skipped[-1][1]})")
-        choice = choose_caption(record["captions"], random.Random(caption_seed), self.dropout, self.ratios,
-                                self.zh_ratio)
+                             f"{self.records.lines[index]} could not be read (last: "
+                             f"{skipped[-1][1]})")
+        choice = choose_caption(record["captions"], random.Random(caption_seed), self.dropout,
+                                self.ratios, self.zh_ratio)
         out = {"position": position, "index": i, "noise_seed": noise_seed, "skipped": skipped,
                "text": caption_text(record, choice)}
         if self.cache is None:
             out["image"] = data
         else:
             out["latent"] = data["latent"]
-            out["text_feats"] = data[Cache.text_key(choice)] if choice is not None else self.cache.empty
+            out["text_feats"] = self.cache.empty if choice is None else data[Cache.text_key(choice)]
         return out
 
 
@@ -312,14 +328,15 @@ def collate(items):
     return items
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Latent statistics of the data
 
 
 def accumulate_stats(records, indices, crops, encode_images, cache=None, batch=16, warn=print):
-    """Per-channel moments of the DINOv3 features of records[indices] as cropped for training (from the cache
-    when there is one). encode_images: list of [3, h, w] -> list of [C, h/16, w/16]. Unreadable images are
-    skipped with a warning. Returns a StatsAccumulator (svgt2i)."""
+    """Per-channel moments of the DINOv3 features of records[indices] as cropped for training
+    (from the cache when there is one). encode_images: list of [3, h, w] -> list of
+    [C, h/16, w/16]. Unreadable images are skipped with a warning. Returns a
+    StatsAccumulator (svgt2i)."""
     acc, images = StatsAccumulator(), []
 
     def flush():
@@ -342,27 +359,29 @@ def accumulate_stats(records, indices, crops, encode_images, cache=None, batch=1
     return acc
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # The optional feature cache: DINOv3 latents and Gemma features precomputed on disk
 
 
 class Cache:
     """DIR/meta.json (what the features depend on), DIR/empty.safetensors (the dropped caption),
-    DIR/{i // 10000:05d}/{i:09d}.safetensors per record: "latent" [C, h, w] raw fp32 DINOv3 features and
-    "text.{language}.{length}" [n_tokens, D] Gemma features of every caption variant (valid tokens only;
-    padding is re-added per batch, which changes nothing: Gemma is causal and NextDiT masks padded keys).
-    An unreadable image gets a DIR/.../{i:09d}.bad file instead, and is skipped like an unreadable image.
-    Filling is shared out by the caller (each rank fills its own records); then one process calls finish()."""
+    DIR/{i // 10000:05d}/{i:09d}.safetensors per record: "latent" [C, h, w] raw fp32 DINOv3
+    features and "text.{language}.{length}" [n_tokens, D] Gemma features of every caption variant
+    (valid tokens only; padding is re-added per batch, which changes nothing: Gemma is causal and
+    NextDiT masks padded keys). An unreadable image gets a DIR/.../{i:09d}.bad file instead, and is
+    skipped like an unreadable image. Filling is shared out by the caller
+    (each rank fills its own records); then one process calls finish()."""
 
     def __init__(self, folder, meta):
-        """`meta`: what the features depend on. An existing cache built for other settings is refused."""
+        """`meta`: what the features depend on. An existing cache built for other
+        settings is refused."""
         self.folder, self.meta, self.empty = Path(folder), dict(meta), None
         if (self.folder / "meta.json").is_file():
             old = json.loads((self.folder / "meta.json").read_text())
             diff = [k for k in meta if old.get(k) != meta[k]]
             if diff:
-                raise ValueError(f"--cache {folder} was built for other settings ({', '.join(diff)} differ): use "
-                                 "another cache folder")
+                raise ValueError(f"--cache {folder} was built for other settings "
+                                 f"({', '.join(diff)} differ): use another cache folder")
             self.meta = old
 
     @staticmethod
@@ -373,7 +392,7 @@ class Cache:
         return self.folder / f"{i // 10000:05d}" / f"{i:09d}{suffix}"
 
     def missing(self, indices):
-        return [i for i in indices if not self.file(i).exists() and not self.file(i, ".bad").exists()]
+        return [i for i in indices if not (self.file(i).exists() or self.file(i, ".bad").exists())]
 
     def read(self, i):
         if self.file(i, ".bad").exists():
@@ -415,12 +434,14 @@ class Cache:
             atomic_write(self.file(i), lambda tmp: save_file(tensors, str(tmp)))
 
     def finish(self, n_records):
-        """Record the feature widths (so a model can be built without loading the encoders) in meta.json."""
+        """Record the feature widths (so a model can be built without loading the encoders)
+        in meta.json."""
         for i in range(n_records):
             if self.file(i).exists():
                 d = load_file(str(self.file(i)))
                 self.meta["latent_channels"] = d["latent"].shape[0]
-                self.meta["text_dim"] = next(v for k, v in d.items() if k.startswith("text.")).shape[1]
+                text = next(v for k, v in d.items() if k.startswith("text."))
+                self.meta["text_dim"] = text.shape[1]
                 break
         self.folder.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.meta, indent=1)

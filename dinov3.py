@@ -1,14 +1,16 @@
 """DINOv3 ViT-S/16+: the frozen image encoder whose patch features are SVG-T2I's latent space.
 
-An image [B, 3, H, W] (ImageNet-normalised RGB) becomes final-normed patch tokens [B, H/16 * W/16, 384]
-in row-major patch order, the official `forward_features(x)["x_norm_patchtokens"]`.
+An image [B, 3, H, W] (ImageNet-normalised RGB) becomes final-normed patch tokens
+[B, H/16 * W/16, 384] in row-major patch order, the official
+`forward_features(x)["x_norm_patchtokens"]`.
 
 Architecture (DINOv3, Simeoni et al. 2025): a 16x16 patch embedding, one cls token and 4 "storage"
-(register) tokens, 12 pre-norm blocks with 2-D rotary position embedding (RoPE) on the patch tokens,
-LayerScale and a SwiGLU MLP, then one final LayerNorm over all tokens. No learned absolute positions.
+(register) tokens, 12 pre-norm blocks with 2-D rotary position embedding (RoPE) on the patch
+tokens, LayerScale and a SwiGLU MLP, then one final LayerNorm over all tokens. No learned
+absolute positions.
 
 Module and parameter names mirror the original checkpoint keys (`blocks.3.attn.qkv.weight` ...), so
-`load_dinov3` is a short explicit map from each official layout to ours.
+the key map at the end (dinov3_keymap; svgt2i.load_dinov3 reads the files) is short and explicit.
 """
 
 import math
@@ -35,13 +37,14 @@ class DINOv3Config:
     n_heads: int = 6
     ffn_dim: int = 1536  # SwiGLU hidden width: int(384 * 6 * 2/3) rounded up to a multiple of 8
     n_storage_tokens: int = 4
-    rope_base: float = 100.0  # only used to initialise `rope_embed.periods`; a checkpoint's periods win
+    rope_base: float = 100.0  # only initialises `rope_embed.periods`; a checkpoint's periods win
     norm_eps: float = 1e-5
 
     def __post_init__(self):
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 4:
-            raise ValueError(f"DINOv3Config: dim {self.dim} must split into {self.n_heads} heads whose "
-                             f"size is a multiple of 4 (RoPE gives a quarter of each head to y, a quarter to x, twice)")
+            raise ValueError(f"DINOv3Config: dim {self.dim} must split into {self.n_heads} heads "
+                             "whose size is a multiple of 4 (RoPE gives a quarter of each head "
+                             "to y, a quarter to x, twice)")
 
     @property
     def head_dim(self) -> int:
@@ -59,10 +62,12 @@ class DINOv3Config:
 
     @classmethod
     def from_state_dict(cls, sd: dict, hf_config: dict | None = None) -> "DINOv3Config":
-        """Read the config off the tensor shapes (our names), so tiny test checkpoints load through the same code.
+        """Read the config off the tensor shapes (our names), so tiny test checkpoints load
+        through the same code.
 
-        The head count is the one thing shapes cannot give: it comes from the periods (head_dim = 4 * #periods),
-        else from HF config.json, else the released models' 64-dim heads.
+        The head count is the one thing shapes cannot give: it comes from the periods
+        (head_dim = 4 * #periods), else from HF config.json, else the released
+        models' 64-dim heads.
         """
         dim = _shape(sd, "cls_token", -1, _shape(sd, "patch_embed.proj.weight", 0, 384))
         blocks = {int(k.split(".")[1]) for k in sd if re.fullmatch(r"blocks\.\d+\..+", k)}
@@ -73,8 +78,8 @@ class DINOv3Config:
         else:
             head_dim = _HEAD_DIM_DEFAULT
         if head_dim == 0 or dim % head_dim:
-            raise ValueError(f"cannot split width {dim} into heads of {head_dim} (from the RoPE periods or "
-                             "config.json): the checkpoint is inconsistent")
+            raise ValueError(f"cannot split width {dim} into heads of {head_dim} (from the RoPE "
+                             "periods or config.json): the checkpoint is inconsistent")
         hf = hf_config or {}
         return cls(
             patch_size=_shape(sd, "patch_embed.proj.weight", -1, 16),
@@ -84,13 +89,14 @@ class DINOv3Config:
             n_heads=dim // head_dim,
             ffn_dim=_shape(sd, "blocks.0.mlp.w1.weight", 0, 1536),
             n_storage_tokens=_shape(sd, "storage_tokens", 1, 4),
-            rope_base=float(hf.get("rope_theta", 100.0)),  # HF defaults for keys a diff-saved config omits
+            rope_base=float(hf.get("rope_theta", 100.0)),  # HF's defaults where a config omits them
             norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
         )
 
 
 def rope_periods(head_dim: int, base: float) -> torch.Tensor:
-    """The official RoPE periods base^(2k / (head_dim/2)), k < head_dim/4, in fp32: [head_dim // 4].
+    """The official RoPE periods base^(2k / (head_dim/2)), k < head_dim/4, in fp32:
+    [head_dim // 4].
 
     transformers computes its inv_freq from the same fp32 expression, so 1 / these == its inv_freq.
     """
@@ -98,7 +104,8 @@ def rope_periods(head_dim: int, base: float) -> torch.Tensor:
 
 
 def rope_rotate(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """Rotate channel d with channel d + D/2 by angle[d] ("rotate-half" layout, not interleaved pairs).
+    """Rotate channel d with channel d + D/2 by angle[d]
+    ("rotate-half" layout, not interleaved pairs).
 
     x: [..., N, D]; sin, cos: [N, D]. For d < D/2: x'_d = x_d cos - x_{d+D/2} sin and
     x'_{d+D/2} = x_{d+D/2} cos + x_d sin (the angle table repeats after D/2, so both use angle[d]).
@@ -108,12 +115,13 @@ def rope_rotate(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.
 
 
 class RopeEmbedding(nn.Module):
-    """Axial 2-D RoPE tables from patch-centre coordinates, each axis normalised to (-1, 1) on its own.
+    """Axial 2-D RoPE tables from patch-centre coordinates, each axis normalised to
+    (-1, 1) on its own.
 
-    `periods` is a persistent buffer because the official checkpoint stores it (rounded to bf16), and the
-    official model uses the stored values rather than the formula. Always fp32.
-    The official training-mode coordinate augmentation (random rescale in [0.5, 2]) is deliberately absent:
-    DINOv3 is a frozen encoder here, so the tables never depend on train()/eval().
+    `periods` is a persistent buffer because the official checkpoint stores it (rounded to bf16),
+    and the official model uses the stored values rather than the formula. Always fp32.
+    The official training-mode coordinate augmentation (random rescale in [0.5, 2]) is deliberately
+    absent: DINOv3 is a frozen encoder here, so the tables never depend on train()/eval().
     """
 
     def __init__(self, config: DINOv3Config):
@@ -126,7 +134,7 @@ class RopeEmbedding(nn.Module):
         dd = dict(device=periods.device, dtype=torch.float32)
         coords_y = torch.arange(0.5, h, **dd) / h  # patch centres in (0, 1)
         coords_x = torch.arange(0.5, w, **dd) / w
-        coords = torch.stack(torch.meshgrid(coords_y, coords_x, indexing="ij"), dim=-1)  # [h, w, 2] (y, x)
+        coords = torch.stack(torch.meshgrid(coords_y, coords_x, indexing="ij"), dim=-1)  # [h, w, 2]
         coords = 2.0 * coords.flatten(0, 1) - 1.0  # [h*w, 2] in (-1, 1)
         angles = 2 * math.pi * coords[:, :, None] / periods  # [h*w, 2, head_dim/4]
         # [y_0..y_{D/4-1}, x_0..x_{D/4-1}] then repeated once: [h*w, head_dim] = [y, x, y, x]
@@ -141,23 +149,24 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(config.in_chans, config.dim, kernel_size=p, stride=p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # [B, dim, h, w] -> [B, h*w, dim], row-major
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, dim, h, w] -> [B, h*w, dim] row-major
 
 
 class LayerScale(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), 1e-5))  # official init; checkpoints overwrite it
+        self.gamma = nn.Parameter(torch.full((dim,), 1e-5))  # official init; checkpoints set it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gamma
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention; RoPE on the patch tokens of q and k only (cls and storage tokens stay put).
+    """Multi-head self-attention; RoPE on the patch tokens of q and k only
+    (cls and storage tokens stay put).
 
-    The official `qkv` has a learnable k bias that a fixed `bias_mask` zeroes; the loader folds the mask into
-    `qkv.bias` once, so here it is a plain Linear whose k third of the bias is 0.
+    The official `qkv` has a learnable k bias that a fixed `bias_mask` zeroes; the loader folds the
+    mask into `qkv.bias` once, so here it is a plain Linear whose k third of the bias is 0.
     """
 
     def __init__(self, config: DINOv3Config):
@@ -168,13 +177,18 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         B, N, C = x.shape
-        # qkv rows are [q | k | v], each head-major: [B, N, 3, heads, head_dim] -> 3 x [B, heads, N, head_dim]
-        q, k, v = self.qkv(x).view(B, N, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        # qkv rows are [q | k | v], each head-major: [B, N, 3, heads, head_dim] -> 3 x
+        # [B, heads, N, head_dim]
+        q, k, v = self.qkv(x).view(B, N, 3, self.n_heads,
+                                   self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         sin, cos = rope
         n_prefix = N - sin.shape[0]  # cls + storage tokens
-        # Rotate in fp32 (as the official code does) even when the model runs in bf16, then cast back.
-        q = torch.cat([q[:, :, :n_prefix], rope_rotate(q[:, :, n_prefix:].float(), sin, cos).to(q.dtype)], dim=2)
-        k = torch.cat([k[:, :, :n_prefix], rope_rotate(k[:, :, n_prefix:].float(), sin, cos).to(k.dtype)], dim=2)
+        # Rotate in fp32 (as the official code does) even when the model runs in bf16,
+        # then cast back.
+        q = torch.cat([q[:, :, :n_prefix],
+                       rope_rotate(q[:, :, n_prefix:].float(), sin, cos).to(q.dtype)], dim=2)
+        k = torch.cat([k[:, :, :n_prefix],
+                       rope_rotate(k[:, :, n_prefix:].float(), sin, cos).to(k.dtype)], dim=2)
         x = F.scaled_dot_product_attention(q, k, v)  # default scale 1/sqrt(head_dim), no mask
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
@@ -208,50 +222,58 @@ class Block(nn.Module):
 
 
 class DINOv3(nn.Module):
-    """DINOv3 vision transformer; `forward` returns the final-normed patch tokens (the SVG latent)."""
+    """DINOv3 vision transformer; `forward` returns the final-normed patch tokens
+    (the SVG latent)."""
 
     def __init__(self, config: DINOv3Config):
         super().__init__()
         self.config = config
         self.n_prefix = 1 + config.n_storage_tokens
         self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, config.dim))
-        self.storage_tokens = nn.Parameter(0.02 * torch.randn(1, config.n_storage_tokens, config.dim))
+        self.storage_tokens = nn.Parameter(0.02 * torch.randn(1, config.n_storage_tokens,
+                                                              config.dim))
         self.patch_embed = PatchEmbed(config)
         self.rope_embed = RopeEmbedding(config)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
-        # The official `mask_token` is dropped: it is for masked-image training only. (The official cls is
-        # `cls_token + 0 * mask_token`, which equals cls_token unless mask_token holds NaN/Inf.)
+        # The official `mask_token` is dropped: it is for masked-image training only.
+        # (The official cls is `cls_token + 0 * mask_token`, which equals cls_token unless
+        # mask_token holds NaN/Inf.)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels: [B, 3, H, W], ImageNet-normalised, H and W multiples of 16 -> [B, H/16 * W/16, dim]."""
+        """pixels: [B, 3, H, W], ImageNet-normalised, H and W multiples of 16 ->
+        [B, H/16 * W/16, dim]."""
         p = self.config.patch_size
         if pixels.ndim != 4 or pixels.shape[1] != self.config.in_chans:
             raise ValueError(f"DINOv3 expects images [B, {self.config.in_chans}, H, W], got shape "
                              f"{list(pixels.shape)}")
         H, W = pixels.shape[-2:]
         if H % p or W % p:
-            # The official conv silently drops the leftover pixels; we refuse instead, since the decoder and
-            # the latent grid assume H/16 x W/16 exactly.
-            raise ValueError(f"DINOv3 needs image sides that are multiples of {p}, got {H}x{W}: resize or crop "
-                             f"to e.g. {max(p, H // p * p)}x{max(p, W // p * p)}")
+            # The official conv silently drops the leftover pixels; we refuse instead, since the
+            # decoder and the latent grid assume H/16 x W/16 exactly.
+            raise ValueError(f"DINOv3 needs image sides that are multiples of {p}, got {H}x{W}: "
+                             f"resize or crop to e.g. {max(p, H // p * p)}x{max(p, W // p * p)}")
         B = pixels.shape[0]
         x = self.patch_embed(pixels.to(self.patch_embed.proj.weight.dtype))  # [B, h*w, dim]
-        x = torch.cat([self.cls_token.expand(B, -1, -1), self.storage_tokens.expand(B, -1, -1), x], dim=1)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), self.storage_tokens.expand(B, -1, -1), x],
+                      dim=1)
         rope = self.rope_embed(H // p, W // p)  # computed once, shared by all blocks and heads
         for block in self.blocks:
             x = block(x, rope)
-        # LayerNorm is per token, so norming only the patch tokens equals the official norm(all)[:, 5:].
+        # LayerNorm is per token, so norming only the patch tokens equals the official
+        # norm(all)[:, 5:].
         return self.norm(x[:, self.n_prefix:])
 
 
-# ----------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # The key map. Three file layouts hold the same weights (svgt2i.load_dinov3 opens each):
-#   original  `dinov3_vits16plus_pretrain_lvd1689m-*.pth`: our names exactly, plus `mask_token` (dropped) and
+#   original  `dinov3_vits16plus_pretrain_lvd1689m-*.pth`: our names exactly, plus
+#   `mask_token` (dropped) and
 #             `blocks.N.attn.qkv.bias_mask` (folded into the bias);
-#   HF        `model.safetensors` (+ `config.json`): renamed keys, q/k/v split, no k bias, no periods;
-#   Lightning an SVG autoencoder `.ckpt` whose `state_dict` holds the original keys under `encoder.`.
-# ----------------------------------------------------------------------------------------------------------
+#   HF        `model.safetensors` (+ `config.json`): renamed keys, q/k/v split, no k bias, no
+#   periods; Lightning an SVG autoencoder `.ckpt` whose `state_dict` holds the original keys
+#   under `encoder.`.
+# -------------------------------------------------------------------------------------------------
 
 _HEAD_DIM_DEFAULT = 64  # the released ViTs S ... H+ have 64-dim heads (7B: 128)
 
@@ -291,21 +313,24 @@ def _from_original(sd: dict, missing: list) -> dict:
             continue
         if key.endswith(".attn.qkv.bias"):
             mask = sd.get(key + "_mask")
-            if mask is None:  # required: without it we cannot tell whether the k bias is meant to be used
+            if mask is None:  # required: without it we cannot tell whether the k bias is to be used
                 missing.append(key + "_mask")
                 continue
             if mask.shape != t.shape:
-                raise ValueError(f"{key}_mask has shape {list(mask.shape)} but the bias {list(t.shape)}")
+                raise ValueError(f"{key}_mask has shape {list(mask.shape)} but the bias "
+                                 f"{list(t.shape)}")
             if not torch.isfinite(mask).all():
-                raise ValueError(f"{key}_mask holds NaN/Inf: the file was saved from an uninitialised "
-                                 "model (the official code leaves it NaN unless weights are loaded)")
+                raise ValueError(f"{key}_mask holds NaN/Inf: the file was saved from an "
+                                 "uninitialised model (the official code leaves it NaN unless "
+                                 "weights are loaded)")
             t = t * mask.to(t.dtype)  # [1 (q), 0 (k), 1 (v)]: the k bias is masked out
         out[key] = t
     return out
 
 
 def _from_hf(sd: dict, missing: list) -> dict:
-    """HF layout -> ours: rename, concatenate q/k/v (k has no bias in HF: zeros), drop `mask_token`."""
+    """HF layout -> ours: rename, concatenate q/k/v (k has no bias in HF: zeros), drop
+    `mask_token`."""
     out, qkv = {}, {}  # qkv[layer][name] collects the split projections of one block
     for key, t in sd.items():
         m = _HF_LAYER.fullmatch(key)
@@ -320,14 +345,14 @@ def _from_hf(sd: dict, missing: list) -> dict:
         else:
             out[key] = t  # left under its own name: reported as unexpected
     for i, parts in sorted(qkv.items()):
-        prefix = parts[next(iter(parts))][0].rsplit("attention.", 1)[0]  # `layer.i.` or `model.layer.i.`
+        prefix = parts[next(iter(parts))][0].rsplit("attention.", 1)[0]  # (model.)layer.i.
         absent = [prefix + "attention." + n for n in _HF_QKV if n not in parts]
         if absent:
             missing.extend(absent)
             continue
         q, k, v, qb, vb = (parts[n][1] for n in _HF_QKV)
         kb = parts["k_proj.bias"][1] if "k_proj.bias" in parts else torch.zeros_like(qb)
-        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([q, k, v], dim=0)  # [3 dim, dim], rows q | k | v
+        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([q, k, v], dim=0)  # [3 dim, dim]: q | k | v
         out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([qb, kb, vb], dim=0)
     return out
 
@@ -335,9 +360,10 @@ def _from_hf(sd: dict, missing: list) -> dict:
 def dinov3_keymap(state_dict: dict, hf_config: dict | None = None, source: str = "state dict"):
     """An original or HF state dict under our names -> (DINOv3Config, state dict, missing keys).
 
-    `missing` names the file's keys the map needed but did not find (a bias_mask, a q/k/v part), for
-    svgt2i.build to report together with every other key problem. `hf_config` is a parsed HF config.json
-    (head count, rope_theta, eps); without it an HF state dict gets 64-dim heads, base 100, eps 1e-5.
+    `missing` names the file's keys the map needed but did not find (a bias_mask, a q/k/v part),
+    for svgt2i.build to report together with every other key problem. `hf_config` is a parsed HF
+    config.json (head count, rope_theta, eps); without it an HF state dict gets 64-dim heads,
+    base 100, eps 1e-5.
     """
     keys = list(state_dict)
     if any(k.startswith("embeddings.") for k in keys):
@@ -347,15 +373,17 @@ def dinov3_keymap(state_dict: dict, hf_config: dict | None = None, source: str =
     else:
         raise ValueError(f"{source} is not a DINOv3 checkpoint: expected keys like 'cls_token', "
                          "'blocks.0.attn.qkv.weight' (original) or 'embeddings.cls_token', "
-                         f"'layer.0.attention.q_proj.weight' (Hugging Face); found {_listing(keys) or 'none'}")
+                         "'layer.0.attention.q_proj.weight' (Hugging Face); found "
+                         f"{_listing(keys) or 'none'}")
     missing = []
     if layout == "hf":
         if hf_config is not None:
             _check_hf_config(hf_config, source)
         sd = _from_hf(state_dict, missing)
-        # HF files carry no periods (transformers recomputes inv_freq), so we compute them from the config with
-        # the official fp32 formula: the numbers transformers uses. The official .pth instead stores them
-        # rounded to bf16 (up to 0.2% off), so features from an HF file differ from the .pth ones by ~1e-3.
+        # HF files carry no periods (transformers recomputes inv_freq), so we compute them from the
+        # config with the official fp32 formula: the numbers transformers uses. The official .pth
+        # instead stores them rounded to bf16 (up to 0.2% off), so features from an HF file differ
+        # from the .pth ones by ~1e-3.
         config = DINOv3Config.from_state_dict(sd, hf_config)
         sd["rope_embed.periods"] = rope_periods(config.head_dim, config.rope_base)
     else:
@@ -365,26 +393,28 @@ def dinov3_keymap(state_dict: dict, hf_config: dict | None = None, source: str =
 
 
 def _shape(sd: dict, key: str, axis: int, default: int) -> int:
-    """sd[key].shape[axis], or `default` when the key is absent or too flat (the key check reports it)."""
+    """sd[key].shape[axis], or `default` when the key is absent or too flat
+    (the key check reports it)."""
     t = sd.get(key)
     return t.shape[axis] if isinstance(t, torch.Tensor) and -t.ndim <= axis < t.ndim else default
 
 
 def _check_hf_config(hf_config: dict, source: str):
     if hf_config.get("model_type") != "dinov3_vit":
-        raise ValueError(f"{source}: config.json has model_type {hf_config.get('model_type')!r}, expected "
-                         "'dinov3_vit': this is not a DINOv3 ViT checkpoint")
+        raise ValueError(f"{source}: config.json has model_type {hf_config.get('model_type')!r}, "
+                         "expected 'dinov3_vit': this is not a DINOv3 ViT checkpoint")
     # transformers' defaults are a GELU MLP without gate; DINOv3 ViT-S/16+ sets the gated SiLU one.
     act, gated = hf_config.get("hidden_act", "gelu"), hf_config.get("use_gated_mlp", False)
     if act != "silu" or not gated:
-        raise ValueError(f"{source}: config.json has hidden_act={act!r}, use_gated_mlp={gated}; only the "
-                         "SwiGLU DINOv3 ViTs (hidden_act='silu', use_gated_mlp=true, e.g. ViT-S/16+) "
-                         "are supported")
+        raise ValueError(f"{source}: config.json has hidden_act={act!r}, use_gated_mlp={gated}; "
+                         "only the SwiGLU DINOv3 ViTs (hidden_act='silu', use_gated_mlp=true, "
+                         "e.g. ViT-S/16+) are supported")
 
 
 def dinov3_official_state_dict(model: DINOv3) -> dict:
-    """The inverse of the key map: our weights in the original .pth layout. The k-bias mask is written back
-    as `bias_mask` (1 for q and v, 0 for k), the bias itself already holding zeros there."""
+    """The inverse of the key map: our weights in the original .pth layout. The k-bias mask is
+    written back as `bias_mask` (1 for q and v, 0 for k), the bias itself already holding
+    zeros there."""
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     dim = model.config.dim
     for k in list(sd):

@@ -1,12 +1,13 @@
 """Gemma-2 (google/gemma-2-2b) as SVG-T2I's text encoder, and its tokenizer.
 
-SVG-T2I feeds the DiT with `hidden_states[-2]` of the base Gemma-2 model (no LM head): the raw residual stream
-after the second-to-last decoder layer, for a right-padded batch that starts with BOS. This file is the decoder
-(embedding x sqrt(H), 26 sandwich-normed layers, final norm), the key map of the Hugging Face checkpoint folder
-(svgt2i.load_gemma2 reads it) and its writer, and a plain-sentencepiece tokenizer that reproduces the Hugging
-Face tokenizer as SVG-T2I calls it.
+SVG-T2I feeds the DiT with `hidden_states[-2]` of the base Gemma-2 model (no LM head): the raw
+residual stream after the second-to-last decoder layer, for a right-padded batch that starts with
+BOS. This file is the decoder (embedding x sqrt(H), 26 sandwich-normed layers, final norm), the key
+map of the Hugging Face checkpoint folder (svgt2i.load_gemma2 reads it) and its writer, and a
+plain-sentencepiece tokenizer that reproduces the Hugging Face tokenizer as SVG-T2I calls it.
 
-Every op is written in the order Hugging Face runs it, so that features match bit for bit in fp32 and bf16.
+Every op is written in the order Hugging Face runs it, so that features match bit for bit
+in fp32 and bf16.
 """
 
 import json
@@ -20,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Config
 
 
@@ -35,30 +36,33 @@ class Gemma2Config:
     num_attention_heads: int = 8
     num_key_value_heads: int = 4  # GQA: query heads 2g and 2g+1 share key/value head g
     head_dim: int = 256  # not hidden_size / num_attention_heads (288): q is 8 * 256 = 2048 wide
-    query_pre_attn_scalar: float = 256  # attention scale is query_pre_attn_scalar ** -0.5, not head_dim ** -0.5
+    query_pre_attn_scalar: float = 256  # the attention scale is this ** -0.5, not head_dim ** -0.5
     sliding_window: int | None = 4096  # sliding layers see keys kv with q - window < kv <= q
-    layer_types: tuple | None = None  # None: even layers "sliding_attention", odd layers "full_attention"
+    layer_types: tuple | None = None  # None: even layers sliding, odd layers full attention
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
-    attn_logit_softcapping: float | None = 50.0  # the cap value stored in config.json; used only if attn_softcap
-    # The soft-capping switch. Gemma 2 as specified (and transformers >= 5, eager) squashes attention logits with
-    # cap * tanh(logits / cap). But the released SVG-T2I DiT was trained on features from transformers 4.57 (the
-    # version SVG-T2I pins), whose default attention for Gemma 2 is SDPA, and that path silently drops the cap.
-    # So the default is off: plain F.scaled_dot_product_attention, called the way transformers' SDPA path calls it,
-    # which gives the features the DiT saw. attn_softcap=True runs the eager soft-capped math instead.
+    attn_logit_softcapping: float | None = 50.0  # the cap in config.json; used only if attn_softcap
+    # The soft-capping switch. Gemma 2 as specified (and transformers >= 5, eager) squashes
+    # attention logits with cap * tanh(logits / cap). But the released SVG-T2I DiT was trained on
+    # features from transformers 4.57 (the version SVG-T2I pins), whose default attention for Gemma
+    # 2 is SDPA, and that path silently drops the cap. So the default is off: plain
+    # F.scaled_dot_product_attention, called the way transformers' SDPA path calls it, which gives
+    # the features the DiT saw. attn_softcap=True runs the eager soft-capped math instead.
     attn_softcap: bool = False
 
     def __post_init__(self):
         L = self.num_hidden_layers
         if self.layer_types is None:
-            self.layer_types = tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(L))
+            self.layer_types = tuple("full_attention" if i % 2 else "sliding_attention"
+                                     for i in range(L))
         self.layer_types = tuple(self.layer_types)
-        if len(self.layer_types) != L or not set(self.layer_types) <= {"sliding_attention", "full_attention"}:
-            raise ValueError(f"layer_types must list {L} entries of 'sliding_attention'/'full_attention', "
-                             f"got {list(self.layer_types)}")
+        if len(self.layer_types) != L or not set(self.layer_types) <= {"sliding_attention",
+                                                                       "full_attention"}:
+            raise ValueError(f"layer_types must list {L} entries of "
+                             f"'sliding_attention'/'full_attention', got {list(self.layer_types)}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                             f"num_key_value_heads ({self.num_key_value_heads})")
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a "
+                             f"multiple of num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
 
@@ -69,21 +73,22 @@ class Gemma2Config:
 
     @classmethod
     def tiny(cls, **overrides):
-        """A ~200k-parameter model for tests that still exercises every path: GQA, head_dim != H / heads,
-        query_pre_attn_scalar != head_dim, both layer types with a window that bites at T > 4, and a cap small
-        enough to be non-linear."""
+        """A ~200k-parameter model for tests that still exercises every path: GQA, head_dim != H /
+        heads, query_pre_attn_scalar != head_dim, both layer types with a window that bites at T >
+        4, and a cap small enough to be non-linear."""
         cfg = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
-                   sliding_window=4, attn_logit_softcapping=3.0)
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                   query_pre_attn_scalar=24, sliding_window=4, attn_logit_softcapping=3.0)
         return cls(**{**cfg, **overrides})
 
     @classmethod
     def from_json(cls, path_or_dict, **overrides):
         """Read a Hugging Face config.json (a dict, the file, or the folder holding it).
 
-        Accepts the Hub spelling (top-level `rope_theta`, `torch_dtype`, `hidden_act`, no `layer_types`) and newer
-        ones (`rope_parameters`, `dtype`, explicit `layer_types`). Missing fields take the gemma-2-2b values, as
-        they do in transformers. `overrides` set fields that are not in the file, e.g. attn_softcap=True."""
+        Accepts the Hub spelling (top-level `rope_theta`, `torch_dtype`, `hidden_act`, no
+        `layer_types`) and newer ones (`rope_parameters`, `dtype`, explicit `layer_types`). Missing
+        fields take the gemma-2-2b values, as they do in transformers. `overrides` set fields that
+        are not in the file, e.g. attn_softcap=True."""
         if isinstance(path_or_dict, dict):
             d, where = path_or_dict, "config"
         else:
@@ -91,7 +96,8 @@ class Gemma2Config:
             if os.path.isdir(where):
                 where = os.path.join(where, "config.json")
             if not os.path.isfile(where):
-                raise FileNotFoundError(f"Gemma-2 config not found: {where} (pass the model folder or its config.json)")
+                raise FileNotFoundError(f"Gemma-2 config not found: {where} (pass the model "
+                                        "folder or its config.json)")
             try:
                 with open(where) as f:
                     d = json.load(f)
@@ -101,26 +107,31 @@ class Gemma2Config:
             raise ValueError(f"{where}: model_type is {d['model_type']!r}, expected 'gemma2'")
         act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
         if act != "gelu_pytorch_tanh":
-            raise ValueError(f"{where}: hidden_activation {act!r} is not supported (Gemma 2 uses 'gelu_pytorch_tanh')")
+            raise ValueError(f"{where}: hidden_activation {act!r} is not supported (Gemma 2 uses "
+                             "'gelu_pytorch_tanh')")
         if d.get("attention_bias") or d.get("use_bidirectional_attention"):
-            raise ValueError(f"{where}: attention_bias / use_bidirectional_attention are not Gemma-2-2b settings")
+            raise ValueError(f"{where}: attention_bias / use_bidirectional_attention are not "
+                             "Gemma-2-2b settings")
         rope = d.get("rope_parameters") or {}
         if d.get("rope_scaling") or rope.get("rope_type", "default") != "default":
-            raise ValueError(f"{where}: only default RoPE is supported, got {d.get('rope_scaling') or rope}")
+            raise ValueError(f"{where}: only default RoPE is supported, got "
+                             f"{d.get('rope_scaling') or rope}")
         kw = {f.name: d[f.name] for f in fields(cls) if f.name in d and f.name != "attn_softcap"}
         if "rope_theta" in rope:
             kw["rope_theta"] = rope["rope_theta"]
-        # Ignored: dtype / torch_dtype (the loader's dtype argument decides), final_logit_softcapping (LM head),
-        # max_position_embeddings, token ids, tie_word_embeddings, cache and dropout fields.
+        # Ignored: dtype / torch_dtype (the loader's dtype argument decides),
+        # final_logit_softcapping (LM head), max_position_embeddings, token ids,
+        # tie_word_embeddings, cache and dropout fields.
         return cls(**{**kw, **overrides})
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Model
 
 
 class RMSNorm(nn.Module):
-    """Gemma's RMSNorm: in fp32, weight stored as an offset from 1, cast back *after* the weight multiply."""
+    """Gemma's RMSNorm: in fp32, weight stored as an offset from 1, cast back *after* the
+    weight multiply."""
 
     def __init__(self, dim, eps):
         super().__init__()
@@ -134,12 +145,14 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(T, config, device, dtype):
-    """cos, sin [T, head_dim] for positions 0..T-1, computed in fp32 and then cast to the model dtype.
+    """cos, sin [T, head_dim] for positions 0..T-1, computed in fp32 and then cast to
+    the model dtype.
 
-    Positions ignore the padding mask, which is right for right-padded batches. inv_freq is computed on the CPU,
-    as transformers does when it builds its buffer, so the tables are the same on every device."""
+    Positions ignore the padding mask, which is right for right-padded batches. inv_freq is
+    computed on the CPU, as transformers does when it builds its buffer, so the tables are the same
+    on every device."""
     d = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))  # [d/2]
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)  # [d/2]
     pos = torch.arange(T, device=device, dtype=torch.float32)
     freqs = pos[:, None] * inv_freq.to(device)[None, :]  # [T, d/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # halves layout, not interleaved pairs
@@ -152,12 +165,14 @@ def rotate_half(x):
 
 
 class Gemma2Attention(nn.Module):
-    """Causal GQA self-attention with RoPE; soft-capped eager math or SDPA (see Gemma2Config.attn_softcap)."""
+    """Causal GQA self-attention with RoPE; soft-capped eager math or SDPA
+    (see Gemma2Config.attn_softcap)."""
 
     def __init__(self, config):
         super().__init__()
         self.config = config
-        H, nH, nKV, d = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        H, d = config.hidden_size, config.head_dim
+        nH, nKV = config.num_attention_heads, config.num_key_value_heads
         self.n_rep = nH // nKV
         self.scaling = config.query_pre_attn_scalar ** -0.5
         self.q_proj = nn.Linear(H, nH * d, bias=False)
@@ -166,7 +181,8 @@ class Gemma2Attention(nn.Module):
         self.o_proj = nn.Linear(nH * d, H, bias=False)
 
     def forward(self, x, cos, sin, mask):
-        # x: [B, T, H]; cos, sin: [T, d]; mask: [B, 1, T, T] bool (True = may attend), or None for plain causal
+        # x: [B, T, H]; cos, sin: [T, d]; mask: [B, 1, T, T] bool (True = may attend), or None
+        # for plain causal
         B, T, _ = x.shape
         d = self.config.head_dim
         q = self.q_proj(x).view(B, T, -1, d).transpose(1, 2)  # [B, nH, T, d]
@@ -185,9 +201,10 @@ class Gemma2Attention(nn.Module):
                 s = torch.tanh(s)
                 s = s * cap
             # the mask is added after the cap, as the dtype's finite minimum rather than -inf
-            bias = torch.zeros(mask.shape, dtype=s.dtype, device=s.device).masked_fill(~mask, torch.finfo(s.dtype).min)
+            bias = torch.zeros(mask.shape, dtype=s.dtype, device=s.device)
+            bias = bias.masked_fill(~mask, torch.finfo(s.dtype).min)
             s = s + bias
-            p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)  # softmax in fp32, cast before @ v
+            p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)  # fp32, cast before @ v
             o = torch.matmul(p, v)
         elif mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scaling,
@@ -212,7 +229,8 @@ class Gemma2MLP(nn.Module):
 
 
 class Gemma2DecoderLayer(nn.Module):
-    """Two residual blocks, each sandwiched between a pre-norm and a post-norm (four RMSNorms per layer)."""
+    """Two residual blocks, each sandwiched between a pre-norm and a post-norm
+    (four RMSNorms per layer)."""
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -226,30 +244,36 @@ class Gemma2DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(H, eps)
 
     def forward(self, x, cos, sin, mask):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask))
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin,
+                                                             mask))
         x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return x
 
 
 class Gemma2(nn.Module):
-    """Gemma-2 base model (no LM head). Parameter names are the checkpoint keys without the `model.` prefix."""
+    """Gemma-2 base model (no LM head). Parameter names are the checkpoint keys without the
+    `model.` prefix."""
 
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Gemma2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Gemma2DecoderLayer(config, i)
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def _masks(self, attention_mask, T):
-        """Boolean masks [B, 1, T, T] (True = may attend) for full and sliding layers; None means plain causal.
+        """Boolean masks [B, 1, T, T] (True = may attend) for full and sliding layers; None
+        means plain causal.
 
-        Padding is masked by key only: padded queries still attend to the real keys before them, so their outputs
-        are finite (and unused downstream). The SDPA path drops a mask exactly when transformers does (no padding,
-        and for sliding layers T < window), since mask=None + is_causal runs a different kernel."""
+        Padding is masked by key only: padded queries still attend to the real keys before them, so
+        their outputs are finite (and unused downstream). The SDPA path drops a mask exactly when
+        transformers does (no padding, and for sliding layers T < window), since mask=None +
+        is_causal runs a different kernel."""
         keep = attention_mask.bool()  # [B, T]
         pos = torch.arange(T, device=keep.device)
-        full = (pos[None, :] <= pos[:, None])[None, None] & keep[:, None, None, :]  # [B, 1, T(q), T(kv)]
+        causal = pos[None, :] <= pos[:, None]                                  # [Tq, Tkv]
+        full = causal[None, None] & keep[:, None, None, :]                     # [B, 1, Tq, Tkv]
         window = self.config.sliding_window
         sliding = full if window is None else full & (pos[None, :] > pos[:, None] - window)
         if not self.config.attn_softcap and bool(keep.all()):
@@ -259,21 +283,25 @@ class Gemma2(nn.Module):
         return full, sliding
 
     def _trunk(self, input_ids, attention_mask, num_layers):
-        """Yield the scaled embeddings, then the raw output of each of the first num_layers decoder layers."""
+        """Yield the scaled embeddings, then the raw output of each of the first num_layers
+        decoder layers."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
-                             f"{tuple(input_ids.shape)}")
-        if input_ids.numel() and not (0 <= int(input_ids.min()) and int(input_ids.max()) < self.config.vocab_size):
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids "
+                             f"shape {tuple(input_ids.shape)}")
+        V = self.config.vocab_size
+        if input_ids.numel() and not (0 <= int(input_ids.min()) and int(input_ids.max()) < V):
             raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), got "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
         T = input_ids.shape[1]
         w = self.embed_tokens.weight
-        # sqrt(H) as an fp32 scalar rounded to the model dtype *before* the multiply (48.0 exactly for H = 2304)
-        x = F.embedding(input_ids, w) * torch.tensor(self.config.hidden_size ** 0.5, device=w.device).to(w.dtype)
+        # sqrt(H) as an fp32 scalar rounded to the model dtype *before* the multiply
+        # (48.0 exactly for H = 2304)
+        x = F.embedding(input_ids, w) * torch.tensor(self.config.hidden_size ** 0.5,
+                                                     device=w.device).to(w.dtype)
         yield x
         if num_layers == 0:
             return
@@ -292,11 +320,13 @@ class Gemma2(nn.Module):
         return num_layers
 
     def hidden_states(self, input_ids, attention_mask=None, num_layers=None):
-        """The tuple transformers returns as `hidden_states`: L + 1 tensors [B, T, H], in the model dtype.
+        """The tuple transformers returns as `hidden_states`: L + 1 tensors [B, T, H], in
+        the model dtype.
 
-        Entry 0 is the scaled embedding, entry k (1 <= k < L) the raw output of layer k-1, and entry L the
-        *final-normed* output of the last layer (its raw output is not returned, as in transformers).
-        num_layers=n < L runs only the first n layers and returns the first n + 1 entries of that same tuple."""
+        Entry 0 is the scaled embedding, entry k (1 <= k < L) the raw output of layer k-1, and
+        entry L the *final-normed* output of the last layer (its raw output is not returned, as in
+        transformers). num_layers=n < L runs only the first n layers and returns the first n + 1
+        entries of that same tuple."""
         n = self._check_num_layers(num_layers)
         hs = list(self._trunk(input_ids, attention_mask, n))
         if n == self.config.num_hidden_layers:
@@ -305,7 +335,8 @@ class Gemma2(nn.Module):
 
     def encode(self, input_ids, attention_mask=None, layer=-2):
         """hidden_states(...)[layer], running only the layers it needs and keeping no other entry.
-        The default -2 (what SVG-T2I uses) is the raw output of the second-to-last layer: the last layer is skipped."""
+        The default -2 (what SVG-T2I uses) is the raw output of the second-to-last layer: the last
+        layer is skipped."""
         L = self.config.num_hidden_layers
         if not -(L + 1) <= layer <= L:
             raise ValueError(f"layer must index a tuple of {L + 1} hidden states, got {layer}")
@@ -318,55 +349,61 @@ class Gemma2(nn.Module):
     forward = encode
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The key map (svgt2i.load_gemma2 reads the Hugging Face folder), and its inverse: writing such a folder
+# -------------------------------------------------------------------------------------------------
+# The key map (svgt2i.load_gemma2 reads the Hugging Face folder), and its inverse:
+# writing such a folder
 
 
 def gemma2_keymap(sd):
-    """A Hugging Face Gemma-2 state dict -> ours: strip `model.` (Gemma2ForCausalLM, the official files; a
-    Gemma2Model file has no prefix) and drop `lm_head.weight`, which is tied to `embed_tokens`."""
+    """A Hugging Face Gemma-2 state dict -> ours: strip `model.`
+    (Gemma2ForCausalLM, the official files; a Gemma2Model file has no prefix) and drop
+    `lm_head.weight`, which is tied to `embed_tokens`."""
     return {k.removeprefix("model."): v for k, v in sd.items() if k != "lm_head.weight"}
 
 
 def gemma2_hub_config(c):
     """A Gemma2Config as the Hub's config.json spells it."""
-    return {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "vocab_size": c.vocab_size,
-            "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-            "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+    return {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
+            "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads,
             "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim,
             "query_pre_attn_scalar": c.query_pre_attn_scalar, "sliding_window": c.sliding_window,
             "rope_theta": c.rope_theta, "rms_norm_eps": c.rms_norm_eps,
-            "attn_logit_softcapping": c.attn_logit_softcapping, "hidden_activation": "gelu_pytorch_tanh",
-            "hidden_act": "gelu_pytorch_tanh", "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
-            "torch_dtype": "float32"}
+            "attn_logit_softcapping": c.attn_logit_softcapping,
+            "hidden_activation": "gelu_pytorch_tanh", "hidden_act": "gelu_pytorch_tanh",
+            "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "torch_dtype": "float32"}
 
 
 def save_gemma2_folder(model, folder, tokenizer_file=None):
-    """A Hugging Face style folder: config.json (Hub spelling), model.safetensors (`model.` keys) and
-    tokenizer.model, which svgt2i.load_gemma2 and Gemma2Tokenizer read."""
+    """A Hugging Face style folder: config.json (Hub spelling), model.safetensors (`model.` keys)
+    and tokenizer.model, which svgt2i.load_gemma2 and Gemma2Tokenizer read."""
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(gemma2_hub_config(model.config), f, indent=2)
-    save_file({"model." + k: v.detach().float().contiguous() for k, v in model.state_dict().items()},
+    save_file({"model." + k: v.detach().float().contiguous()
+               for k, v in model.state_dict().items()},
               os.path.join(folder, "model.safetensors"))
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, os.path.join(folder, "tokenizer.model"))
     return folder
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Tokenizer
 
 
 class Gemma2Tokenizer:
-    """The Gemma tokenizer on plain sentencepiece, reproducing the Hugging Face tokenizer as SVG-T2I calls it:
-    `tokenizer(texts, padding=True, pad_to_multiple_of=8, max_length=M, truncation=True)` with right padding.
+    """The Gemma tokenizer on plain sentencepiece, reproducing the Hugging Face tokenizer as
+    SVG-T2I calls it: `tokenizer(texts, padding=True, pad_to_multiple_of=8, max_length=M,
+    truncation=True)` with right padding.
 
-    BOS first, no EOS, truncation to max_length tokens counting BOS, right padding with <pad> (0) to a multiple of 8.
-    Text is encoded as is (no dummy prefix, whitespace kept). The one place raw sentencepiece differs from Hugging
-    Face: HF matches the literal strings "<pad>", "<eos>", "<bos>", "<unk>" in text as special tokens, while
-    sentencepiece never matches control symbols from text; we split those out first, as HF does."""
+    BOS first, no EOS, truncation to max_length tokens counting BOS, right padding with <pad> (0)
+    to a multiple of 8. Text is encoded as is (no dummy prefix, whitespace kept). The one place raw
+    sentencepiece differs from Hugging Face: HF matches the literal strings "<pad>", "<eos>",
+    "<bos>", "<unk>" in text as special tokens, while sentencepiece never matches control symbols
+    from text; we split those out first, as HF does."""
 
     PAD, EOS, BOS, UNK = 0, 1, 2, 3
     SPECIAL = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
@@ -379,7 +416,8 @@ class Gemma2Tokenizer:
         if os.path.isdir(model_file):
             model_file = os.path.join(model_file, "tokenizer.model")
         if not os.path.isfile(model_file):
-            raise FileNotFoundError(f"Gemma tokenizer not found: {model_file} (pass tokenizer.model or its folder)")
+            raise FileNotFoundError(f"Gemma tokenizer not found: {model_file} (pass "
+                                    "tokenizer.model or its folder)")
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.Load(model_file)
@@ -390,7 +428,8 @@ class Gemma2Tokenizer:
             raise ValueError(f"{model_file}: ids 0-3 are {pieces}, expected {list(self.SPECIAL)} "
                              f"(not a Gemma tokenizer)")
         if self.sp.encode("a", out_type=str)[0].startswith("▁"):
-            raise ValueError(f"{model_file}: adds a dummy prefix space, so it is not a Gemma tokenizer")
+            raise ValueError(f"{model_file}: adds a dummy prefix space, so it is not a Gemma "
+                             "tokenizer")
         self.vocab_size = self.sp.get_piece_size()
 
     def encode(self, text):
@@ -404,16 +443,19 @@ class Gemma2Tokenizer:
         return ids
 
     def __call__(self, texts, max_length=512):
-        """texts: list of str -> (input_ids [B, T] int64, attention_mask [B, T] int64), T a multiple of 8."""
+        """texts: list of str -> (input_ids [B, T] int64, attention_mask [B, T] int64), T a
+        multiple of 8."""
         if isinstance(texts, str):
             texts = [texts]
-        if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
+        if not isinstance(texts, (list, tuple)) or not texts \
+                or not all(isinstance(t, str) for t in texts):
             raise ValueError("texts must be a non-empty list of strings")
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 8 or max_length % 8:
-            raise ValueError(f"max_length must be a positive multiple of 8 (padding is to a multiple of 8), "
-                             f"got {max_length!r}")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 8 \
+                or max_length % 8:
+            raise ValueError("max_length must be a positive multiple of 8 (padding is to a "
+                             f"multiple of 8), got {max_length!r}")
         seqs = [([self.BOS] + self.encode(t))[:max_length] for t in texts]
-        T = -(-max(map(len, seqs)) // 8) * 8  # longest, rounded up to a multiple of 8 (<= max_length)
+        T = -(-max(map(len, seqs)) // 8) * 8  # the longest, rounded up to a multiple of 8
         ids = torch.full((len(seqs), T), self.PAD, dtype=torch.long)
         mask = torch.zeros((len(seqs), T), dtype=torch.long)
         for b, s in enumerate(seqs):
@@ -423,15 +465,17 @@ class Gemma2Tokenizer:
 
 
 def train_tokenizer(texts, model_prefix, vocab_size=512):
-    """Train a small sentencepiece BPE model with Gemma's conventions (the tiny and toy text encoders): <pad> 0,
-    <eos> 1, <bos> 2, <unk> 3, byte fallback, digits split, no dummy prefix, whitespace kept. Returns the .model
-    path (the .vocab listing sentencepiece writes beside it is removed: nothing reads it)."""
+    """Train a small sentencepiece BPE model with Gemma's conventions
+    (the tiny and toy text encoders): <pad> 0, <eos> 1, <bos> 2, <unk> 3, byte fallback, digits
+    split, no dummy prefix, whitespace kept. Returns the .model path
+    (the .vocab listing sentencepiece writes beside it is removed: nothing reads it)."""
     import sentencepiece as spm
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(texts)), model_prefix=model_prefix, model_type="bpe", vocab_size=vocab_size,
-        hard_vocab_limit=False, character_coverage=1.0, byte_fallback=True, split_digits=True,
-        add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
-        allow_whitespace_only_pieces=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
-        eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", num_threads=1, minloglevel=2)
+        sentence_iterator=iter(list(texts)), model_prefix=model_prefix, model_type="bpe",
+        vocab_size=vocab_size, hard_vocab_limit=False, character_coverage=1.0, byte_fallback=True,
+        split_digits=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", allow_whitespace_only_pieces=True, pad_id=0, eos_id=1,
+        bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+        unk_piece="<unk>", num_threads=1, minloglevel=2)
     os.remove(model_prefix + ".vocab")
     return model_prefix + ".model"

@@ -1,15 +1,16 @@
 """
-SVG-T2I, the glue: the method (flow matching, the samplers, guidance), the text-to-image pipeline, and the
-parts it connects: latent statistics, the autoencoder, text encoding, and one way to read a file. The four
-models live in their own files (dinov3.py, gemma2.py, nextdit.py, decoder.py), each with its key map.
+SVG-T2I, the glue: the method (flow matching, the samplers, guidance), the text-to-image pipeline,
+and the parts it connects: latent statistics, the autoencoder, text encoding, and one way to read a
+file. The four models live in their own files (dinov3.py, gemma2.py, nextdit.py, decoder.py), each
+with its key map.
 
 Conventions, written once here and used everywhere:
-- Code time t in [0, 1]: t = 0 is pure noise, t = 1 is data (the official code's convention; the paper's
-  Eq. 1 labels the ends the other way round).
+- Code time t in [0, 1]: t = 0 is pure noise, t = 1 is data (the official code's convention; the
+  paper's Eq. 1 labels the ends the other way round).
 - x_t = t * data + (1 - t) * noise, and the network predicts the velocity dx_t/dt = data - noise.
 - time_shift(t, s) = t / (t + s - s * t) moves time towards the noise end for s > 1.
-- Latents are [B, C, h, w] with h = H/16, w = W/16 (height first), tokens row-major; images are [B, 3, H, W]
-  in [-1, 1] between modules, uint8 only at the file boundary.
+- Latents are [B, C, h, w] with h = H/16, w = W/16 (height first), tokens row-major; images are
+  [B, 3, H, W] in [-1, 1] between modules, uint8 only at the file boundary.
 """
 
 import glob
@@ -26,12 +27,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from decoder import Decoder, DecoderConfig, ResidualViT, ResidualViTConfig, decoder_keymap, residual_vit_keymap
+from decoder import (Decoder, DecoderConfig, ResidualViT, ResidualViTConfig, decoder_keymap,
+                     residual_vit_keymap)
 from dinov3 import IMAGENET_MEAN, IMAGENET_STD, DINOv3, dinov3_keymap
 from gemma2 import Gemma2, Gemma2Config, Gemma2Tokenizer, gemma2_keymap
 from nextdit import NextDiT, NextDiTConfig, nextdit_keymap
 
-# -----------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # The method, training half: flow matching on the straight path from noise to data
 
 
@@ -41,7 +43,8 @@ def time_shift(t, shift):
 
 
 def interpolate(noise, data, t):
-    """The straight path x_t = t * data + (1 - t) * noise; t is [B] (or a float, or a 0-d tensor)."""
+    """The straight path x_t = t * data + (1 - t) * noise; t is [B]
+    (or a float, or a 0-d tensor)."""
     if torch.is_tensor(t) and t.dim() > 0:
         t = t.view(-1, *([1] * (data.dim() - 1)))
     return t * data + (1 - t) * noise
@@ -53,14 +56,16 @@ def velocity_target(noise, data):
 
 
 def training_shift(seq_len):
-    """Resolution-dependent time shift used in training: exp(mu), mu linear in the image token count,
-    through (256 tokens, 0.5) and (4096 tokens, 1.15). 256px -> 1.649, 512px -> 1.878, 1024px -> 3.158."""
+    """Resolution-dependent time shift used in training: exp(mu), mu linear in the image token
+    count, through (256 tokens, 0.5) and (4096 tokens, 1.15). 256px -> 1.649, 512px -> 1.878,
+    1024px -> 3.158."""
     mu = 0.5 + (seq_len - 256) * (1.15 - 0.5) / (4096 - 256)
     return math.exp(mu)
 
 
 def sample_training_t(n, seq_len, generator=None, device="cpu"):
-    """Training times: logit-normal(0, 1), then shifted towards noise by training_shift(seq_len)."""
+    """Training times: logit-normal(0, 1), then shifted towards noise by
+    training_shift(seq_len)."""
     t = torch.sigmoid(torch.randn(n, generator=generator)).to(device)
     return time_shift(t, training_shift(seq_len))
 
@@ -68,25 +73,29 @@ def sample_training_t(n, seq_len, generator=None, device="cpu"):
 def flow_matching_loss(model, x1, noise, t, cap_feats, cap_mask):
     """The training objective, per sample: mean squared error between the model's velocity at
     x_t = t x1 + (1 - t) noise and the target x1 - noise. x1 and noise are [B, C, h, w] or lists of
-    [C, h_i, w_i] (one aspect bucket per sample), t is [B]. Returns the B losses in fp32; the training
-    loss is their mean over the batch."""
+    [C, h_i, w_i] (one aspect bucket per sample), t is [B]. Returns the B losses in fp32; the
+    training loss is their mean over the batch."""
     xt = [interpolate(n, x, ti) for n, x, ti in zip(noise, x1, t)]          # B x [C, h_i, w_i]
     pred = model(xt, t, cap_feats, cap_mask)                                # B x [C, h_i, w_i]
-    return torch.stack([F.mse_loss(p.float(), velocity_target(n, x)) for p, n, x in zip(pred, noise, x1)])
+    losses = [F.mse_loss(p.float(), velocity_target(n, x)) for p, n, x in zip(pred, noise, x1)]
+    return torch.stack(losses)                                              # [B]
 
 
-# -----------------------------------------------------------------------------------------------------------
-# The method, sampling half. `velocity(x, t)` is any function returning dx/dt at the float code time t.
+# -------------------------------------------------------------------------------------------------
+# The method, sampling half. `velocity(x, t)` is any function returning dx/dt at the
+# float code time t.
 
 
 def euler_times(steps, shift):
-    """The Euler grid t_i = time_shift(i / steps), i = 0..steps. (The official ODE path builds the same grid
-    from its number of points, so its `--num_sampling_steps N` is our steps = N - 1.)"""
+    """The Euler grid t_i = time_shift(i / steps), i = 0..steps.
+    (The official ODE path builds the same grid from its number of points, so its
+    `--num_sampling_steps N` is our steps = N - 1.)"""
     return time_shift(torch.arange(steps + 1, dtype=torch.float64) / steps, shift)
 
 
 def euler_sample(velocity, x, steps, shift=1.0, callback=None):
-    """Euler ODE solver: `steps` model evaluations, at t_0 .. t_{steps-1} of euler_times; never at t = 1."""
+    """Euler ODE solver: `steps` model evaluations, at t_0 .. t_{steps-1} of euler_times;
+    never at t = 1."""
     ts = euler_times(steps, shift).tolist()
     for i in range(steps):
         x = x + (ts[i + 1] - ts[i]) * velocity(x, ts[i])
@@ -97,16 +106,17 @@ def euler_sample(velocity, x, steps, shift=1.0, callback=None):
 
 def dpm_sigmas(steps, shift):
     """The official DPM-Solver grid (`time_uniform_flow`): noise levels sigma = 1 - t, uniform in
-    [0.999, 0] before the shift, so the first call is at t ~ 1e-4 and the last level is exactly 0."""
+    [0.999, 0] before the shift, so the first call is at t ~ 1e-4 and the last level
+    is exactly 0."""
     u = 0.999 * (steps - torch.arange(steps + 1, dtype=torch.float64)) / steps
     return shift * u / (1 + (shift - 1) * u)
 
 
 def dpm_solver_sample(velocity, x, steps, shift=1.0, callback=None):
-    """DPM-Solver++ 2M (multistep, data prediction) for the flow path, as the official `--solver dpm`.
-    In noise level sigma: alpha = 1 - sigma, lambda = log(alpha / sigma), the data prediction is
-    x0 = x + sigma * v. Step 1 is first order, steps 2..N-1 second order, and the last step (to sigma = 0)
-    is first order, i.e. returns the data prediction. N model evaluations.
+    """DPM-Solver++ 2M (multistep, data prediction) for the flow path, as the official
+    `--solver dpm`. In noise level sigma: alpha = 1 - sigma, lambda = log(alpha / sigma), the data
+    prediction is x0 = x + sigma * v. Step 1 is first order, steps 2..N-1 second order, and the
+    last step (to sigma = 0) is first order, i.e. returns the data prediction. N model evaluations.
     The official solver runs this arithmetic in bf16; we run it in x's dtype (fp32 by default)."""
     sig = dpm_sigmas(steps, shift).tolist()
     lam = [math.log((1 - s) / s) if s > 0 else math.inf for s in sig]
@@ -133,7 +143,7 @@ def dpm_solver_sample(velocity, x, steps, shift=1.0, callback=None):
 SAMPLERS = {"euler": euler_sample, "dpm": dpm_solver_sample}
 
 
-# -----------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Classifier-free guidance
 
 
@@ -141,7 +151,8 @@ SAMPLERS = {"euler": euler_sample, "dpm": dpm_solver_sample}
 class Guidance:
     """CFG settings. `scale` multiplies (cond - uncond): g = uncond + scale * (cond - uncond).
     renorm (official default 1.0): clip each sample's ||g|| to renorm * ||cond||; 0 disables it.
-    trunc (official `cfg_trunc`, default 100 = never): guidance only while t < trunc, else cond only."""
+    trunc (official `cfg_trunc`, default 100 = never): guidance only while t < trunc,
+    else cond only."""
     scale: float = 4.0
     renorm: float = 1.0
     trunc: float = 100.0
@@ -153,14 +164,16 @@ class Guidance:
 
 def guided_velocity(model, cap_feats, cap_mask, guidance, dtype=None):
     """Return velocity(x, t) for the samplers. With guidance on, `cap_feats`/`cap_mask` hold the B
-    conditional rows followed by the B unconditional rows, and one batched forward computes both. What does
-    not change between steps (the refined captions, RoPE tables, masks: NextDiT.context) is computed once."""
+    conditional rows followed by the B unconditional rows, and one batched forward computes both.
+    What does not change between steps (the refined captions, RoPE tables, masks: NextDiT.context)
+    is computed once."""
     contexts = {}
 
     def context(rows, x):
         key = (rows, tuple(x.shape[2:]))
         if key not in contexts:
-            contexts[key] = model.context(cap_feats[:rows], cap_mask[:rows], [tuple(x.shape[2:])] * rows)
+            contexts[key] = model.context(cap_feats[:rows], cap_mask[:rows],
+                                          [tuple(x.shape[2:])] * rows)
         return contexts[key]
 
     def velocity(x, t):
@@ -170,7 +183,8 @@ def guided_velocity(model, cap_feats, cap_mask, guidance, dtype=None):
             tt = torch.full((B,), t, device=x.device, dtype=torch.float32)
             return model(xin, tt, context=context(B, x)).to(x.dtype)
         tt = torch.full((2 * B,), t, device=x.device, dtype=torch.float32)
-        out = model(torch.cat([xin, xin]), tt, context=context(2 * B, x)).to(x.dtype)   # [2B, C, h, w]
+        out = model(torch.cat([xin, xin]), tt, context=context(2 * B, x))      # [2B, C, h, w]
+        out = out.to(x.dtype)
         cond, uncond = out.chunk(2)
         g = uncond + guidance.scale * (cond - uncond)
         if guidance.renorm > 0:
@@ -182,14 +196,15 @@ def guided_velocity(model, cap_feats, cap_mask, guidance, dtype=None):
     return velocity
 
 
-# -----------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # The pipeline
 
 
 @dataclass
 class Sampling:
-    """How an image is sampled; the defaults are the official evaluation settings. sample.py's flags, and a
-    checkpoint's own run.json "sample" entry (the toy model has one), override them."""
+    """How an image is sampled; the defaults are the official evaluation settings. sample.py's
+    flags, and a checkpoint's own run.json "sample" entry (the toy model has one),
+    override them."""
     steps: int = 50                 # model evaluations
     cfg: float = 4.0                # guidance scale, 1 = off
     shift: float = 10.0             # time shift of the sampling grid
@@ -205,33 +220,37 @@ class Sampling:
 
 
 class SVGT2I:
-    """Text-to-image: Gemma-2 caption features -> NextDiT flow in normalised DINOv3 latent space -> decoder."""
+    """Text-to-image: Gemma-2 caption features -> NextDiT flow in normalised DINOv3 latent
+    space -> decoder."""
 
     def __init__(self, dit, autoencoder, stats, text_encoder, device="cpu", dtype=torch.bfloat16):
-        self.dit, self.autoencoder, self.stats, self.text_encoder = dit, autoencoder, stats, text_encoder
+        self.dit, self.autoencoder, self.stats = dit, autoencoder, stats
+        self.text_encoder = text_encoder
         self.device, self.dtype = torch.device(device), dtype
 
     @classmethod
-    def from_pretrained(cls, ckpt_dir, gemma_dir=None, device="cpu", dtype=torch.bfloat16, with_encoder=False,
-                        **overrides):
-        """Load the whole pipeline. The DiT and Gemma go to `dtype`; the decoder (and DINOv3) stay fp32,
-        which costs little (43M + 29M parameters) and keeps decoding exact.
+    def from_pretrained(cls, ckpt_dir, gemma_dir=None, device="cpu", dtype=torch.bfloat16,
+                        with_encoder=False, **overrides):
+        """Load the whole pipeline. The DiT and Gemma go to `dtype`; the decoder (and DINOv3) stay
+        fp32, which costs little (43M + 29M parameters) and keeps decoding exact.
         `overrides`: dit=, autoencoder=, dinov3=, stats= file paths that replace what is found."""
         files = find_weights(ckpt_dir, gemma_dir, **overrides)
         dit = load_nextdit(files["dit"], device=device, dtype=dtype)
-        autoencoder = load_autoencoder(files["autoencoder"], dinov3_path=files["dinov3"], device=device,
-                                       dtype=torch.float32, encoder=with_encoder)
+        autoencoder = load_autoencoder(files["autoencoder"], dinov3_path=files["dinov3"],
+                                       device=device, dtype=torch.float32, encoder=with_encoder)
         stats = load_latent_stats(files["stats"], channels=autoencoder.latent_channels)
         if dit.config.in_channels != stats.channels:
-            raise ValueError(f"the DiT works on {dit.config.in_channels} channels but the autoencoder on "
-                             f"{stats.channels}: use the P autoencoder with the released DiT")
-        text = TextEncoder(load_tokenizer(files["gemma"]), load_gemma2(files["gemma"], device=device, dtype=dtype))
+            raise ValueError(f"the DiT works on {dit.config.in_channels} channels but the "
+                             f"autoencoder on {stats.channels}: use the P autoencoder with the "
+                             "released DiT")
+        text = TextEncoder(load_tokenizer(files["gemma"]),
+                           load_gemma2(files["gemma"], device=device, dtype=dtype))
         return cls(dit, autoencoder, stats, text, device=device, dtype=dtype)
 
     def encode_text(self, prompts, system_prompt="base", negative_prompt="", guidance=True):
         """Caption features for `prompts`, followed (with guidance) by one negative row per prompt.
-        The default negative is "" without a system prompt, as the official sampler and as caption dropout
-        in training; a non-empty negative gets the system prompt like a prompt does."""
+        The default negative is "" without a system prompt, as the official sampler and as caption
+        dropout in training; a non-empty negative gets the system prompt like a prompt does."""
         sp = system_prompt_text(system_prompt)
         texts = [sp + p for p in prompts]
         if guidance:
@@ -239,11 +258,12 @@ class SVGT2I:
         return self.text_encoder(texts)
 
     @torch.no_grad()
-    def generate(self, prompts, height=1024, width=1024, seed=0, sampling=None, batch_size=1, offload=False,
-                 progress=None, **overrides):
-        """Generate one image per prompt. `sampling` (a Sampling) and `overrides` (its field names, e.g.
-        steps=25, cfg=2.0) set the sampler. Image k starts from randn(1, C, H/16, W/16) drawn on the CPU with
-        seed + k, so a seed gives the same image on any device and in any batch."""
+    def generate(self, prompts, height=1024, width=1024, seed=0, sampling=None, batch_size=1,
+                 offload=False, progress=None, **overrides):
+        """Generate one image per prompt. `sampling` (a Sampling) and `overrides`
+        (its field names, e.g. steps=25, cfg=2.0) set the sampler. Image k starts from
+        randn(1, C, H/16, W/16) drawn on the CPU with seed + k, so a seed gives the same image on
+        any device and in any batch."""
         s = replace(sampling or Sampling(), **overrides)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         check_image_size(height, width)
@@ -262,22 +282,25 @@ class SVGT2I:
             idx = list(range(start, min(start + batch_size, n)))
             rows = idx + [n + i for i in idx] if guidance.active else idx
             noise = torch.cat([torch.randn([1, C, height // 16, width // 16],
-                                           generator=torch.Generator().manual_seed(seed + k)) for k in idx])
-            velocity = guided_velocity(self.dit, feats[rows], mask[rows], guidance, dtype=self.dtype)
+                                           generator=torch.Generator().manual_seed(seed + k))
+                               for k in idx])                          # [b, C, H/16, W/16]
+            velocity = guided_velocity(self.dit, feats[rows], mask[rows], guidance,
+                                       dtype=self.dtype)
             cb = (lambda i, N: progress(idx, i, N)) if progress else None
             z = SAMPLERS[s.solver](velocity, noise.to(self.device), s.steps, s.shift, callback=cb)
             images += tensor_to_images(self.autoencoder.decode(self.stats.denormalize(z)))
         return images
 
 
-# -----------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Latent statistics: the DiT sees per-channel normalised DINOv3 features
 
 
 class LatentStats:
     """Per-channel mean and std of the DINOv3 features, [C] each.
-    normalize: (f - mean) / (std + 1e-8); denormalize: z * std + mean (no epsilon), as the official code.
-    (Official training casts the stats to bf16 first; we keep fp32 on both sides so the two are inverses.)"""
+    normalize: (f - mean) / (std + 1e-8); denormalize: z * std + mean (no epsilon), as the official
+    code. (Official training casts the stats to bf16 first; we keep fp32 on both sides so the two
+    are inverses.)"""
 
     def __init__(self, mean, std):
         self.mean, self.std = mean.float().flatten(), std.float().flatten()
@@ -288,7 +311,8 @@ class LatentStats:
 
     def _view(self, x):
         if x.shape[1] != self.channels:
-            raise ValueError(f"latent has {x.shape[1]} channels but the statistics have {self.channels}")
+            raise ValueError(f"latent has {x.shape[1]} channels but the statistics have "
+                             f"{self.channels}")
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return self.mean.to(x.device).view(shape), self.std.to(x.device).view(shape)
 
@@ -302,21 +326,24 @@ class LatentStats:
 
 
 def load_latent_stats(path, channels=384, layer=-1):
-    """Read the official stats file: {'mean': [L, 384], 'std': [L, 384]} (one row per ViT layer; row -1,
-    the final-normed patch tokens, is the one used). For autoencoder-R's 392 channels the 8 residual
-    channels get the scalar averages of the row, as the official code does."""
+    """Read the official stats file: {'mean': [L, 384], 'std': [L, 384]}
+    (one row per ViT layer; row -1, the final-normed patch tokens, is the one used). For
+    autoencoder-R's 392 channels the 8 residual channels get the scalar averages of the row, as the
+    official code does."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"latent statistics file not found: {path} "
                                 "(expected dinov3_s16p_layer_patchtoken_stats_dist.pt)")
     d = _read_torch(path)
-    if not isinstance(d, dict) or not torch.is_tensor(d.get("mean")) or not torch.is_tensor(d.get("std")):
-        raise ValueError(f"{path}: not a latent statistics file (expected a dict with 'mean' and 'std')")
+    if not isinstance(d, dict) or not all(torch.is_tensor(d.get(k)) for k in ("mean", "std")):
+        raise ValueError(f"{path}: not a latent statistics file (expected a dict with 'mean' and "
+                         "'std')")
     mean, std = d["mean"].float(), d["std"].float()
     if mean.dim() == 1:
         mean, std = mean[None], std[None]
     mean, std = mean[layer], std[layer]
     if channels < mean.numel():
-        raise ValueError(f"{path}: statistics have {mean.numel()} channels, cannot serve {channels}")
+        raise ValueError(f"{path}: statistics have {mean.numel()} channels, cannot serve "
+                         f"{channels}")
     extra = channels - mean.numel()
     if extra:
         mean = torch.cat([mean, mean.mean().expand(extra)])
@@ -325,7 +352,8 @@ def load_latent_stats(path, channels=384, layer=-1):
 
 
 class StatsAccumulator:
-    """Per-channel mean and std of features [B, C, h, w] over all tokens seen (float64 running sums)."""
+    """Per-channel mean and std of features [B, C, h, w] over all tokens seen
+    (float64 running sums)."""
 
     def __init__(self):
         self.n, self.sum, self.sumsq = 0, None, None
@@ -340,19 +368,21 @@ class StatsAccumulator:
         self.sumsq += (f * f).sum(1).cpu()
 
     def state(self):
-        """The official file format: {'mean': [1, C], 'std': [1, C]} float32 (one row: the final layer)."""
+        """The official file format: {'mean': [1, C], 'std': [1, C]} float32
+        (one row: the final layer)."""
         mean = self.sum / self.n
         var = (self.sumsq / self.n - mean ** 2).clamp_min(0) * self.n / max(self.n - 1, 1)
         return {"mean": mean.float()[None], "std": var.sqrt().float()[None]}
 
 
-# -----------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # The autoencoder: frozen DINOv3 encoder (+ residual ViT for R) and the pixel decoder
 
 
 def match_distribution(h, h_res):
-    """Autoencoder-R: rescale the residual channels [B, 8, N] to the DINO features' scalar statistics
-    (per-channel mean / unbiased std over batch and tokens, averaged over channels; detached)."""
+    """Autoencoder-R: rescale the residual channels [B, 8, N] to the DINO features' scalar
+    statistics (per-channel mean / unbiased std over batch and tokens, averaged over
+    channels; detached)."""
     def stats(x):
         return x.mean(dim=(0, 2)).mean().detach(), x.std(dim=(0, 2)).mean().detach()
     mu_h, sd_h = stats(h)
@@ -362,19 +392,23 @@ def match_distribution(h, h_res):
 
 def check_image_size(height, width):
     if height % 16 or width % 16 or height <= 0 or width <= 0:
-        raise ValueError(f"image size {height}x{width} (HxW) is not a multiple of 16: use sizes divisible by "
-                         f"16, e.g. {max(16, round(height / 16) * 16)}x{max(16, round(width / 16) * 16)}")
+        raise ValueError(f"image size {height}x{width} (HxW) is not a multiple of 16: use sizes "
+                         "divisible by 16, e.g. "
+                         f"{max(16, round(height / 16) * 16)}x{max(16, round(width / 16) * 16)}")
 
 
 class Autoencoder(nn.Module):
-    """SVG autoencoder: images in [-1, 1] <-> DINOv3 feature latents [B, 384 (+8 for R), H/16, W/16].
-    `encoder` (DINOv3) is only needed for encode(); sampling needs the decoder alone."""
+    """SVG autoencoder: images in [-1, 1] <-> DINOv3 feature latents
+    [B, 384 (+8 for R), H/16, W/16]. `encoder` (DINOv3) is only needed for encode(); sampling needs
+    the decoder alone."""
 
     def __init__(self, decoder, encoder=None, residual=None):
         super().__init__()
         self.decoder, self.encoder, self.residual = decoder, encoder, residual
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
+                             persistent=False)
 
     @property
     def latent_channels(self):
@@ -383,13 +417,14 @@ class Autoencoder(nn.Module):
     @torch.no_grad()
     def encode(self, images):
         if self.encoder is None:
-            raise ValueError("this autoencoder was loaded without its DINOv3 encoder: pass dinov3_path=... "
-                             "(the dinov3_vits16plus_pretrain_lvd1689m-*.pth file) to load_autoencoder")
+            raise ValueError("this autoencoder was loaded without its DINOv3 encoder: pass "
+                             "dinov3_path=... (the dinov3_vits16plus_pretrain_lvd1689m-*.pth "
+                             "file) to load_autoencoder")
         B, _, H, W = images.shape
         check_image_size(H, W)
         dtype = next(self.encoder.parameters()).dtype
-        x = ((images.float() + 1) / 2 - self.pixel_mean) / self.pixel_std      # ImageNet normalisation
-        h = self.encoder(x.to(dtype)).transpose(1, 2)                          # [B, N, 384] -> [B, 384, N]
+        x = ((images.float() + 1) / 2 - self.pixel_mean) / self.pixel_std  # ImageNet normalisation
+        h = self.encoder(x.to(dtype)).transpose(1, 2)                       # [B, 384, N]
         if self.residual is not None:
             h_res = self.residual(x.to(dtype))                                  # [B, 8, N]
             h = torch.cat([h, match_distribution(h, h_res)], dim=1)            # [B, 392, N]
@@ -401,7 +436,8 @@ class Autoencoder(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, image):
-        """What the autoencoder keeps: encode a PIL image (cropped to a multiple of 16) and decode it."""
+        """What the autoencoder keeps: encode a PIL image (cropped to a multiple of 16)
+        and decode it."""
         w, h = image.size
         if w < 16 or h < 16:
             raise ValueError(f"image of {w}x{h} px is too small: the encoder needs at least 16x16")
@@ -422,30 +458,33 @@ def tensor_to_images(x):
     return [Image.fromarray(a) for a in x.permute(0, 2, 3, 1).cpu().numpy()]
 
 
-# -----------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Text: Gemma-2 features of system prompt + prompt
 
 SYSTEM_PROMPTS = {
-    "base": "You are an assistant designed to generate high-quality images based on user prompts. <Prompt Start> ",
-    "align": "You are an assistant designed to generate high-quality images with the highest degree of "
-             "image-text alignment based on textual prompts. <Prompt Start> ",
-    "aesthetics": "You are an assistant designed to generate high-quality images with highest degree of "
-                  "aesthetics based on user prompts. <Prompt Start> ",
-    "real": "You are an assistant designed to generate superior images with the superior degree of image-text "
-            "alignment based on textual prompts or user prompts. <Prompt Start> ",
-    "4grid": "You are an assistant designed to generate four high-quality images with highest degree of "
-             "aesthetics arranged in 2x2 grids based on user prompts. <Prompt Start> ",
+    "base": "You are an assistant designed to generate high-quality images based on user prompts. "
+            "<Prompt Start> ",
+    "align": "You are an assistant designed to generate high-quality images with the highest "
+             "degree of image-text alignment based on textual prompts. <Prompt Start> ",
+    "aesthetics": "You are an assistant designed to generate high-quality images with highest "
+                  "degree of aesthetics based on user prompts. <Prompt Start> ",
+    "real": "You are an assistant designed to generate superior images with the superior degree "
+            "of image-text alignment based on textual prompts or user prompts. <Prompt Start> ",
+    "4grid": "You are an assistant designed to generate four high-quality images with highest "
+             "degree of aesthetics arranged in 2x2 grids based on user prompts. <Prompt Start> ",
     "empty": "",
 }
 
 
 def system_prompt_text(name_or_text):
-    """A system prompt by name (base, align, aesthetics, real, 4grid, empty) or a literal string."""
+    """A system prompt by name (base, align, aesthetics, real, 4grid, empty) or a
+    literal string."""
     return SYSTEM_PROMPTS.get(name_or_text, name_or_text)
 
 
 class TextEncoder:
-    """Gemma-2 as the caption encoder: right-padded ids (BOS first) -> hidden_states[-2] [B, L, 2304]."""
+    """Gemma-2 as the caption encoder: right-padded ids (BOS first) -> hidden_states[-2]
+    [B, L, 2304]."""
 
     def __init__(self, tokenizer, model, max_length=512):
         self.tokenizer, self.model, self.max_length = tokenizer, model, max_length
@@ -456,8 +495,9 @@ class TextEncoder:
 
     @torch.no_grad()
     def __call__(self, texts, max_length=None, chunk=32):
-        """-> features [B, L, D] and mask [B, L] (bool), L the longest text rounded up to a multiple of 8.
-        Gemma runs on `chunk` texts at a time, so a long prompt list never needs one huge forward."""
+        """-> features [B, L, D] and mask [B, L] (bool), L the longest text rounded up to a
+        multiple of 8. Gemma runs on `chunk` texts at a time, so a long prompt list never needs one
+        huge forward."""
         ids, mask = self.tokenizer(list(texts), max_length=max_length or self.max_length)
         ids, mask = ids.to(self.device), mask.to(self.device)
         feats = torch.cat([self.model.encode(ids[i:i + chunk], mask[i:i + chunk], layer=-2)
@@ -468,32 +508,35 @@ class TextEncoder:
 def load_tokenizer(gemma_dir):
     tok_file = os.path.join(gemma_dir, "tokenizer.model")
     if not os.path.isfile(tok_file):
-        raise FileNotFoundError(f"{tok_file} not found: the Gemma folder needs its sentencepiece tokenizer.model")
+        raise FileNotFoundError(f"{tok_file} not found: the Gemma folder needs its sentencepiece "
+                                "tokenizer.model")
     return Gemma2Tokenizer(tok_file)
 
 
-# -----------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Finding the weights
 
-DOWNLOAD_HINT = ("the official weights are published with the SVG-T2I release (github.com/KlingTeam/SVG-T2I, "
-                 "'pre-trained/' folder) and Gemma-2-2B at huggingface.co/google/gemma-2-2b")
+DOWNLOAD_HINT = ("the official weights are published with the SVG-T2I release "
+                 "(github.com/KlingTeam/SVG-T2I, 'pre-trained/' folder) and Gemma-2-2B at "
+                 "huggingface.co/google/gemma-2-2b")
 
 
 def _first(folder, patterns, unique=False):
-    """The first pattern that matches wins; among its matches the last in sorted order (the highest stage),
-    or, with unique=True, an error if there are several."""
+    """The first pattern that matches wins; among its matches the last in sorted order
+    (the highest stage), or, with unique=True, an error if there are several."""
     for pat in patterns:
         hits = sorted(glob.glob(os.path.join(folder, pat)))
         if len(hits) > 1 and unique:
-            raise ValueError(f"{folder}: several files match {pat} ({', '.join(hits)}): choose one with --dit")
+            raise ValueError(f"{folder}: several files match {pat} ({', '.join(hits)}): choose "
+                             "one with --dit")
         if hits:
             return hits[-1]
     return None
 
 
 def checkpoint_folder(path):
-    """A training run's folder (OUT/, holding `latest`) stands for its newest checkpoint; any other folder for
-    itself."""
+    """A training run's folder (OUT/, holding `latest`) stands for its newest checkpoint; any other
+    folder for itself."""
     if os.path.isfile(os.path.join(path, "latest")):
         with open(os.path.join(path, "latest")) as f:
             return os.path.join(path, f.read().strip())
@@ -502,9 +545,9 @@ def checkpoint_folder(path):
 
 def find_weights(ckpt_dir, gemma_dir=None, dit=None, autoencoder=None, dinov3=None, stats=None,
                  need=("dit", "autoencoder", "stats", "gemma")):
-    """Locate the files of a checkpoint folder: the official `pre-trained/` layout, or one of our own
-    (training checkpoints and the bundled toy model). Explicit arguments override what is found.
-    Our own folders may carry `run.json` naming the frozen parts they were trained with.
+    """Locate the files of a checkpoint folder: the official `pre-trained/` layout, or one of our
+    own (training checkpoints and the bundled toy model). Explicit arguments override what is
+    found. Our own folders may carry `run.json` naming the frozen parts they were trained with.
     Raises a clear error for each file in `need` that is missing."""
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"checkpoint folder not found: {ckpt_dir} ({DOWNLOAD_HINT})")
@@ -514,39 +557,43 @@ def find_weights(ckpt_dir, gemma_dir=None, dit=None, autoencoder=None, dinov3=No
         with open(os.path.join(ckpt_dir, "run.json")) as f:
             run = {k: (v if v is None or os.path.isabs(v) else os.path.join(ckpt_dir, v))
                    for k, v in json.load(f).get("frozen", {}).items()}
-    dits = ["ema.safetensors", "model.safetensors", "consolidated.00-of-01.pth", "consolidated_ema.00-of-01.pth",
-            "dit-*/consolidated.00-of-01.pth", "dit-*/consolidated_ema.00-of-01.pth"]
+    dits = ["ema.safetensors", "model.safetensors", "consolidated.00-of-01.pth",
+            "consolidated_ema.00-of-01.pth", "dit-*/consolidated.00-of-01.pth",
+            "dit-*/consolidated_ema.00-of-01.pth"]
     autoencoders = ["autoencoder.safetensors", "autoencoder/svg_autoencoder-P-*.ckpt",
                     "autoencoder/svg_autoencoder*.ckpt", "autoencoder/*.ckpt"]
+    dinov3s = ["dinov3.safetensors", "dinov3_vits16plus_pretrain_lvd1689m-*.pth"]
+    stats_files = ["latent_stats.pt", "dinov3_s16p_layer_patchtoken_stats_dist.pt"]
     found = {
         "dit": dit or _first(ckpt_dir, dits, unique=True),
         "autoencoder": autoencoder or _first(ckpt_dir, autoencoders) or run.get("autoencoder"),
-        "dinov3": dinov3 or _first(ckpt_dir, ["dinov3.safetensors", "dinov3_vits16plus_pretrain_lvd1689m-*.pth"])
-        or run.get("dinov3"),
-        "stats": stats or _first(ckpt_dir, ["latent_stats.pt", "dinov3_s16p_layer_patchtoken_stats_dist.pt"])
-        or run.get("stats"),
+        "dinov3": dinov3 or _first(ckpt_dir, dinov3s) or run.get("dinov3"),
+        "stats": stats or _first(ckpt_dir, stats_files) or run.get("stats"),
         "gemma": gemma_dir or _first(ckpt_dir, ["text_encoder", "gemma-2-2b"]) or run.get("gemma"),
     }
     expected = {
-        "dit": "dit-*/consolidated.00-of-01.pth (or ema.safetensors / model.safetensors of a training run)",
+        "dit": "dit-*/consolidated.00-of-01.pth (or ema.safetensors / model.safetensors of a "
+               "training run)",
         "autoencoder": "autoencoder/svg_autoencoder-P-stage3.ckpt",
-        "dinov3": "dinov3_vits16plus_pretrain_lvd1689m-*.pth (or encoder.* keys in the autoencoder checkpoint)",
+        "dinov3": "dinov3_vits16plus_pretrain_lvd1689m-*.pth (or encoder.* keys in the "
+                  "autoencoder checkpoint)",
         "stats": "dinov3_s16p_layer_patchtoken_stats_dist.pt",
-        "gemma": "a Gemma-2-2B folder (config.json, model*.safetensors, tokenizer.model), passed as --gemma",
+        "gemma": "a Gemma-2-2B folder (config.json, model*.safetensors, tokenizer.model), passed "
+                 "as --gemma",
     }
     for key in need:
         if found[key] is None:
-            raise FileNotFoundError(f"{ckpt_dir}: no {key} weights found; expected {expected[key]} "
-                                    f"({DOWNLOAD_HINT})")
+            raise FileNotFoundError(f"{ckpt_dir}: no {key} weights found; expected "
+                                    f"{expected[key]} ({DOWNLOAD_HINT})")
         if not os.path.exists(found[key]):
             raise FileNotFoundError(f"{key} weights not found: {found[key]} ({DOWNLOAD_HINT})")
     return found
 
 
-# -----------------------------------------------------------------------------------------------------------
-# Loading: one reader for every file, one strict build for every model. Each loader is read -> key map (in
-# the model's own file) -> build; the model is made on the meta device and each tensor is cast straight into
-# its target dtype, so loading never holds two copies of the weights.
+# -------------------------------------------------------------------------------------------------
+# Loading: one reader for every file, one strict build for every model. Each loader is read -> key
+# map (in the model's own file) -> build; the model is made on the meta device and each tensor is
+# cast straight into its target dtype, so loading never holds two copies of the weights.
 
 
 def _first_line(e):
@@ -560,19 +607,21 @@ def _read_torch(path):
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
         error = e
-    if "_use_new_zipfile_serialization" in str(error):   # not a zip file: a legacy torch.save, or not torch
+    if "_use_new_zipfile_serialization" in str(error):  # not a zip: legacy torch.save, or not torch
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             error = e
     refused = [line.strip() for line in str(error).splitlines() if "Unsupported global" in line]
-    if refused:   # a real checkpoint that pickles Python objects next to its tensors: never execute those
-        raise ValueError(f"{path} holds Python objects besides tensors ({refused[0].split('. ')[0]}); if you "
-                         "trust the file, re-save only its weights: torch.save(torch.load(path, "
-                         "weights_only=False)['state_dict'], 'weights.pth')") from None
+    if refused:   # a checkpoint that pickles Python objects next to its tensors: never run those
+        raise ValueError(f"{path} holds Python objects besides tensors "
+                         f"({refused[0].split('. ')[0]}); if you trust the file, re-save only its "
+                         "weights: torch.save(torch.load(path, weights_only=False)['state_dict'], "
+                         "'weights.pth')") from None
     zip_error = str(error).split(". ")[0] if "PytorchStreamReader" in str(error) else ""
-    raise ValueError(f"{path}: cannot read checkpoint: not a torch checkpoint, or corrupt or truncated"
-                     + (f" ({zip_error})" if zip_error else "")) from None
+    detail = f" ({zip_error})" if zip_error else ""
+    raise ValueError(f"{path}: cannot read checkpoint: not a torch checkpoint, or corrupt or "
+                     f"truncated{detail}") from None
 
 
 def _read_safetensors(path):
@@ -580,44 +629,49 @@ def _read_safetensors(path):
     try:
         return load_file(path)          # memory-mapped: tensors stay in the page cache until cast
     except Exception as e:
-        raise ValueError(f"{path}: cannot read checkpoint: not a safetensors file, or corrupt or truncated "
-                         f"({_first_line(e)})") from None
+        raise ValueError(f"{path}: cannot read checkpoint: not a safetensors file, or corrupt or "
+                         f"truncated ({_first_line(e)})") from None
 
 
 def _read_hf_folder(folder):
-    """A Hugging Face folder: model.safetensors, or the shards its model.safetensors.index.json lists."""
+    """A Hugging Face folder: model.safetensors, or the shards its
+    model.safetensors.index.json lists."""
     index = os.path.join(folder, "model.safetensors.index.json")
     if not os.path.isfile(index):
         single = os.path.join(folder, "model.safetensors")
         if not os.path.isfile(single):
-            raise FileNotFoundError(f"{folder}: no model.safetensors.index.json or model.safetensors (expected a "
-                                    "Hugging Face checkpoint folder)")
+            raise FileNotFoundError(f"{folder}: no model.safetensors.index.json or "
+                                    "model.safetensors (expected a Hugging Face checkpoint "
+                                    "folder)")
         return _read_safetensors(single)
     try:
         with open(index) as f:
             weight_map = json.load(f)["weight_map"]
         shards = sorted(set(weight_map.values()))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{index}: not a valid safetensors index ({type(e).__name__}: "
+                         f"{e})") from None
     absent = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
     if absent:
-        raise FileNotFoundError(f"{folder}: shards listed in model.safetensors.index.json are missing: {absent}")
+        raise FileNotFoundError(f"{folder}: shards listed in model.safetensors.index.json are "
+                                f"missing: {absent}")
     sd = {}
     for shard in shards:
         part = _read_safetensors(os.path.join(folder, shard))
         listed = sorted(k for k, s in weight_map.items() if s == shard and k not in part)
         if listed:
-            raise ValueError(f"{os.path.join(folder, shard)}: keys listed for it in model.safetensors.index.json "
-                             f"are absent: {listed[:8]} ({len(listed)})")
+            raise ValueError(f"{os.path.join(folder, shard)}: keys listed for it in "
+                             f"model.safetensors.index.json are absent: {listed[:8]} "
+                             f"({len(listed)})")
         sd.update(part)
     return sd
 
 
 def read_state_dict(path):
-    """The one file reader: {name: tensor} of a checkpoint, without copying it. A .safetensors file, a torch
-    file (.pth, .pt, .ckpt: memory-mapped, weights_only) or a Hugging Face folder (model.safetensors or its
-    sharded index). Lightning's {"state_dict": ...} and the trainers' {"model": ...} / {"ema": ...} are
-    unwrapped. Every failure is one line naming the file."""
+    """The one file reader: {name: tensor} of a checkpoint, without copying it. A .safetensors
+    file, a torch file (.pth, .pt, .ckpt: memory-mapped, weights_only) or a Hugging Face folder
+    (model.safetensors or its sharded index). Lightning's {"state_dict": ...} and the trainers'
+    {"model": ...} / {"ema": ...} are unwrapped. Every failure is one line naming the file."""
     path = os.fspath(path)
     if os.path.isdir(path):
         return _read_hf_folder(path)
@@ -625,7 +679,8 @@ def read_state_dict(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     obj = _read_safetensors(path) if path.endswith(".safetensors") else _read_torch(path)
     while isinstance(obj, dict) and not any(torch.is_tensor(v) for v in obj.values()):
-        inner = next((obj[k] for k in ("state_dict", "model", "ema") if isinstance(obj.get(k), dict)), None)
+        inner = next((obj[k] for k in ("state_dict", "model", "ema")
+                      if isinstance(obj.get(k), dict)), None)
         if inner is None:
             break
         obj = inner
@@ -633,8 +688,8 @@ def read_state_dict(path):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
     bad = [k for k, v in obj.items() if not torch.is_tensor(v)]
     if bad:
-        raise ValueError(f"{path}: {bad[0]!r} is a {type(obj[bad[0]]).__name__}, not a tensor: not a weights "
-                         "file (a state dict of tensors)")
+        raise ValueError(f"{path}: {bad[0]!r} is a {type(obj[bad[0]]).__name__}, not a tensor: "
+                         "not a weights file (a state dict of tensors)")
     return obj
 
 
@@ -642,12 +697,13 @@ def _listing(names, n=8):
     return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
 
-def build(model_class, config, sd, source, prefix="", device="cpu", dtype=torch.float32, keep_fp32=(),
-          missing=()):
-    """The one strict load: `model_class(config)` on the meta device, `sd` (our names) checked against it
-    (one line lists every missing, unexpected and mis-shaped key under the file's names, `prefix` added;
-    `missing` adds keys a key map could not find), then each tensor is cast to `dtype` (None: as stored;
-    names in keep_fp32 stay fp32) on `device` and assigned. Returns the model in eval mode."""
+def build(model_class, config, sd, source, prefix="", device="cpu", dtype=torch.float32,
+          keep_fp32=(), missing=()):
+    """The one strict load: `model_class(config)` on the meta device, `sd` (our names) checked
+    against it (one line lists every missing, unexpected and mis-shaped key under the file's names,
+    `prefix` added; `missing` adds keys a key map could not find), then each tensor is cast to
+    `dtype` (None: as stored; names in keep_fp32 stay fp32) on `device` and assigned. Returns the
+    model in eval mode."""
     with torch.device("meta"):
         model = model_class(config)
     expected = model.state_dict()
@@ -656,9 +712,10 @@ def build(model_class, config, sd, source, prefix="", device="cpu", dtype=torch.
     misshaped = [f"{prefix}{k} {list(v.shape)} vs {list(expected[k].shape)}" for k, v in sd.items()
                  if k in expected and v.shape != expected[k].shape]
     if missing or unexpected or misshaped:
-        problems = [f"{what}: {_listing(names)}" for what, names in (("missing", missing), ("unexpected",
-                    unexpected), ("wrong shape (file vs model)", misshaped)) if names]
-        raise ValueError(f"{source}: {model_class.__name__} weights do not match: " + "; ".join(problems))
+        problems = (("missing", missing), ("unexpected", unexpected),
+                    ("wrong shape (file vs model)", misshaped))
+        listed = "; ".join(f"{what}: {_listing(names)}" for what, names in problems if names)
+        raise ValueError(f"{source}: {model_class.__name__} weights do not match: {listed}")
 
     def cast(k, v):
         if not v.is_floating_point() or dtype is None:
@@ -680,78 +737,88 @@ def _read_json(path):
         raise ValueError(f"{path} is not valid JSON ({e})") from None
 
 
-def dinov3_from_state_dict(sd, device="cpu", dtype=torch.float32, hf_config=None, source="state dict",
-                           prefix=""):
+def dinov3_from_state_dict(sd, device="cpu", dtype=torch.float32, hf_config=None,
+                           source="state dict", prefix=""):
     config, sd, missing = dinov3_keymap(sd, hf_config, source)
-    model = build(DINOv3, config, sd, source, prefix, device, dtype, keep_fp32=("rope_embed.periods",),
-                  missing=missing)
+    model = build(DINOv3, config, sd, source, prefix, device, dtype,
+                  keep_fp32=("rope_embed.periods",), missing=missing)
     return model.requires_grad_(False)
 
 
 def load_dinov3(path, device="cpu", dtype=torch.float32):
-    """Load DINOv3 from any official layout: the original `.pth`; an HF `model.safetensors` file (a config.json
-    of model_type dinov3_vit next to it is used) or a folder holding both; or an SVG autoencoder Lightning
-    `.ckpt` (its `encoder.*` keys). Frozen: eval mode, requires_grad off; RoPE periods stay fp32."""
+    """Load DINOv3 from any official layout: the original `.pth`; an HF `model.safetensors` file
+    (a config.json of model_type dinov3_vit next to it is used) or a folder holding both; or an SVG
+    autoencoder Lightning `.ckpt` (its `encoder.*` keys). Frozen: eval mode, requires_grad off;
+    RoPE periods stay fp32."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"DINOv3 checkpoint not found: {path}")
     hf_config = None
     if path.is_dir():
         if not (path / "model.safetensors").is_file():
-            raise FileNotFoundError(f"{path} is a folder without model.safetensors: pass the DINOv3 .pth file, "
-                                    "or a Hugging Face DINOv3 folder (config.json + model.safetensors)")
+            raise FileNotFoundError(f"{path} is a folder without model.safetensors: pass the "
+                                    "DINOv3 .pth file, or a Hugging Face DINOv3 folder "
+                                    "(config.json + model.safetensors)")
         if (path / "config.json").is_file():
             hf_config = _read_json(path / "config.json")
             if not isinstance(hf_config, dict):
-                raise ValueError(f"{path / 'config.json'} is not a Hugging Face config (a JSON object)")
+                raise ValueError(f"{path / 'config.json'} is not a Hugging Face config (a JSON "
+                                 "object)")
         path = path / "model.safetensors"
     elif path.suffix == ".safetensors" and (path.parent / "config.json").is_file():
         # next to a file passed directly, a config.json is used only if it describes a DINOv3 ViT
         cfg = _read_json(path.parent / "config.json")
-        hf_config = cfg if isinstance(cfg, dict) and cfg.get("model_type") == "dinov3_vit" else None
+        is_dinov3 = isinstance(cfg, dict) and cfg.get("model_type") == "dinov3_vit"
+        hf_config = cfg if is_dinov3 else None
     sd = read_state_dict(path)
-    if any(k.startswith("encoder.") for k in sd) and not any(k.startswith(("cls_token", "blocks.", "embeddings."))
-                                                             for k in sd):
-        return dinov3_from_state_dict(sub_state_dict(sd, "encoder."), device, dtype, source=f"{path} (encoder.*)",
-                                      prefix="encoder.")
+    own_keys = any(k.startswith(("cls_token", "blocks.", "embeddings.")) for k in sd)
+    if any(k.startswith("encoder.") for k in sd) and not own_keys:
+        return dinov3_from_state_dict(sub_state_dict(sd, "encoder."), device, dtype,
+                                      source=f"{path} (encoder.*)", prefix="encoder.")
     if any(k.startswith(("decoder.", "loss.")) for k in sd):
-        raise ValueError(f"{path} is a Lightning checkpoint without `encoder.*` keys, so it holds no DINOv3 "
-                         "weights: pass the DINOv3 .pth or an SVG autoencoder checkpoint")
+        raise ValueError(f"{path} is a Lightning checkpoint without `encoder.*` keys, so it holds "
+                         "no DINOv3 weights: pass the DINOv3 .pth or an SVG autoencoder "
+                         "checkpoint")
     return dinov3_from_state_dict(sd, device, dtype, hf_config, source=str(path))
 
 
 def load_gemma2(folder, device="cpu", dtype=torch.bfloat16, attn_softcap=False):
-    """Load a Hugging Face Gemma-2 folder (config.json + sharded or single safetensors) as a frozen Gemma2.
-    attn_softcap: see Gemma2Config.attn_softcap (default off, matching the features the SVG-T2I DiT was
-    trained on)."""
+    """Load a Hugging Face Gemma-2 folder (config.json + sharded or single safetensors) as a frozen
+    Gemma2. attn_softcap: see Gemma2Config.attn_softcap (default off, matching the features the
+    SVG-T2I DiT was trained on)."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"Gemma-2 folder not found: {folder} (expected config.json + model*.safetensors)")
+        raise FileNotFoundError(f"Gemma-2 folder not found: {folder} (expected config.json + "
+                                "model*.safetensors)")
     config = Gemma2Config.from_json(folder, attn_softcap=attn_softcap)
     sd = gemma2_keymap(read_state_dict(folder))
     return build(Gemma2, config, sd, folder, "model.", device, dtype).requires_grad_(False)
 
 
-# In a checkpoint folder the official trainer writes both; the official sampler always loads the first.
+# In a checkpoint folder the official trainer writes both; the official sampler always
+# loads the first.
 NEXTDIT_FILES = ("consolidated.00-of-01.pth", "consolidated_ema.00-of-01.pth")
 
 
 def nextdit_from_state_dict(sd, device="cpu", dtype=torch.bfloat16, source="NextDiT checkpoint"):
     sd = nextdit_keymap(sd)
-    return build(NextDiT, NextDiTConfig.from_state_dict(sd), sd, source, device=device, dtype=dtype)
+    return build(NextDiT, NextDiTConfig.from_state_dict(sd), sd, source, device=device,
+                 dtype=dtype)
 
 
 def load_nextdit(path, device="cpu", dtype=torch.bfloat16):
-    """Load a NextDiT from a checkpoint file or folder: the official consolidated(_ema).00-of-01.pth (a flat
-    state dict, or wrapped under "model"/"ema"; FSDP/checkpoint/DDP/compile key prefixes allowed) or one of
-    our .safetensors. Weights in `dtype` (None: as stored); eval mode."""
+    """Load a NextDiT from a checkpoint file or folder: the official
+    consolidated(_ema).00-of-01.pth (a flat state dict, or wrapped under "model"/"ema";
+    FSDP/checkpoint/DDP/compile key prefixes allowed) or one of our .safetensors. Weights in
+    `dtype` (None: as stored); eval mode."""
     path = Path(path)
     if path.is_dir():
         names = [n for n in NEXTDIT_FILES if (path / n).is_file()]
         names = names or sorted(p.name for p in path.glob("*.safetensors"))
         if not names or (len(names) > 1 and names[0] not in NEXTDIT_FILES):
-            raise FileNotFoundError(f"no NextDiT checkpoint in {path}: expected {' or '.join(NEXTDIT_FILES)} or "
-                                    f"exactly one *.safetensors file (found {sorted(os.listdir(path))[:10]})")
+            raise FileNotFoundError(f"no NextDiT checkpoint in {path}: expected "
+                                    f"{' or '.join(NEXTDIT_FILES)} or exactly one *.safetensors "
+                                    f"file (found {sorted(os.listdir(path))[:10]})")
         path = path / names[0]
     elif not path.is_file():
         raise FileNotFoundError(f"NextDiT checkpoint {path} does not exist")
@@ -759,18 +826,19 @@ def load_nextdit(path, device="cpu", dtype=torch.bfloat16):
 
 
 def decoder_from_state_dict(sd, device="cpu", dtype=torch.float32, source="state dict"):
-    """The pixel decoder from an autoencoder state dict (`decoder.*`) or a bare decoder state dict; P or R and
-    all sizes come from the shapes."""
+    """The pixel decoder from an autoencoder state dict (`decoder.*`) or a bare decoder state dict;
+    P or R and all sizes come from the shapes."""
     sd = decoder_keymap(sd)       # errors name the keys as the official checkpoint does: decoder.*
     return build(Decoder, DecoderConfig.from_state_dict(sd), sd, source, "decoder.", device, dtype)
 
 
 def residual_vit_from_state_dict(sd, device="cpu", dtype=torch.float32, source="state dict"):
-    """Autoencoder-R's residual ViT from `extra_vit.*` (or a bare state dict). Its learned RoPE `freqs` stay
-    fp32 whatever `dtype` is: angles reach ~60 rad, which bf16 cannot hold to better than a quarter turn."""
-    sd = residual_vit_keymap(sd)  # errors name the keys as the official checkpoint does: extra_vit.*
-    return build(ResidualViT, ResidualViTConfig.from_state_dict(sd), sd, source, "extra_vit.", device, dtype,
-                 keep_fp32=("freqs",))
+    """Autoencoder-R's residual ViT from `extra_vit.*` (or a bare state dict). Its learned RoPE
+    `freqs` stay fp32 whatever `dtype` is: angles reach ~60 rad, which bf16 cannot hold to better
+    than a quarter turn."""
+    sd = residual_vit_keymap(sd)  # errors name the keys as the official checkpoint: extra_vit.*
+    return build(ResidualViT, ResidualViTConfig.from_state_dict(sd), sd, source, "extra_vit.",
+                 device, dtype, keep_fp32=("freqs",))
 
 
 def load_decoder(path, device="cpu", dtype=torch.float32):
@@ -779,11 +847,13 @@ def load_decoder(path, device="cpu", dtype=torch.float32):
 
 
 def load_autoencoder(path, dinov3_path=None, device="cpu", dtype=torch.float32, encoder=True):
-    """Build the SVG autoencoder from the official Lightning checkpoint (or a safetensors file with the same
-    keys). `decoder.*` -> Decoder (P or R inferred from conv_in), `extra_vit.*` -> residual ViT (R),
-    `encoder.*` -> DINOv3 when present, else from `dinov3_path`. Ignored on purpose: `loss.*` (LPIPS and the
-    discriminator, training only), `norm_vit.*` (built upstream but never used) and `extra_vit.head.*` (an
-    unused 1000-way classifier head left over from the ViT). encoder=False skips DINOv3 (sampling only)."""
+    """Build the SVG autoencoder from the official Lightning checkpoint
+    (or a safetensors file with the same keys). `decoder.*` -> Decoder
+    (P or R inferred from conv_in), `extra_vit.*` -> residual ViT (R), `encoder.*` -> DINOv3 when
+    present, else from `dinov3_path`. Ignored on purpose: `loss.*`
+    (LPIPS and the discriminator, training only), `norm_vit.*` (built upstream but never used) and
+    `extra_vit.head.*` (an unused 1000-way classifier head left over from the ViT). encoder=False
+    skips DINOv3 (sampling only)."""
     path = os.fspath(path)
     sd = read_state_dict(path)
     if not any(k.startswith("decoder.") for k in sd):
@@ -792,19 +862,21 @@ def load_autoencoder(path, dinov3_path=None, device="cpu", dtype=torch.float32, 
     decoder = decoder_from_state_dict(sub_state_dict(sd, "decoder."), device, dtype, source=path)
     residual = None
     if any(k.startswith("extra_vit.") for k in sd):
-        residual = residual_vit_from_state_dict(sub_state_dict(sd, "extra_vit."), device, dtype, source=path)
+        residual = residual_vit_from_state_dict(sub_state_dict(sd, "extra_vit."), device, dtype,
+                                                source=path)
     if decoder.config.z_channels > 384 and residual is None:
-        raise ValueError(f"{path}: the decoder takes {decoder.config.z_channels} channels but the checkpoint "
-                         "has no residual ViT ('extra_vit.*' keys)")
+        raise ValueError(f"{path}: the decoder takes {decoder.config.z_channels} channels but the "
+                         "checkpoint has no residual ViT ('extra_vit.*' keys)")
     dino = None
     if encoder and any(k.startswith("encoder.") for k in sd):
-        dino = dinov3_from_state_dict(sub_state_dict(sd, "encoder."), device, dtype, source=path, prefix="encoder.")
+        dino = dinov3_from_state_dict(sub_state_dict(sd, "encoder."), device, dtype, source=path,
+                                      prefix="encoder.")
     elif encoder and dinov3_path is not None:
         dino = load_dinov3(dinov3_path, device=device, dtype=dtype)
     return Autoencoder(decoder, dino, residual).eval()
 
 
-# -----------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Writing: one atomic writer, for files and folders
 
 _UMASK = os.umask(0)      # the only way to read the umask is to set it: put it straight back
@@ -827,9 +899,10 @@ def _remove(path):
 
 
 def atomic_write(path, write):
-    """Write `path`, a file or a folder, so that it is whole or absent even if the process dies midway:
-    write(tmp) writes it under a temporary name in the same folder (same suffix), which is fsynced and then
-    renamed over `path`. Files get the umask's mode (safetensors writes 0600). Returns `path`."""
+    """Write `path`, a file or a folder, so that it is whole or absent even if the process dies
+    midway: write(tmp) writes it under a temporary name in the same folder (same suffix), which is
+    fsynced and then renamed over `path`. Files get the umask's mode (safetensors writes 0600).
+    Returns `path`."""
     path = Path(path)
     tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")
     _remove(tmp)
@@ -838,7 +911,7 @@ def atomic_write(path, write):
         for f in ([*tmp.iterdir(), tmp] if tmp.is_dir() else [tmp]):
             os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~_UMASK)
             _fsync(f)
-        if path.is_dir():       # a folder cannot be renamed over another: move the old one out of the way
+        if path.is_dir():       # a folder cannot be renamed over another: move the old one away
             old = path.with_name(f".old{os.getpid()}-{path.name}")
             os.replace(path, old)
             os.replace(tmp, path)

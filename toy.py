@@ -1,8 +1,8 @@
 """The shapes world: a tiny procedural text-to-image data set and a prompt-following score.
 
-Like nanoGPT's character-level Shakespeare, this lets a reader train every stage of SVG-T2I end to end on a
-CPU. Each image shows one to three shapes of one kind and one colour, grouped at one position on a plain
-light-grey background, and its caption names all four facts:
+Like nanoGPT's character-level Shakespeare, this lets a reader train every stage of SVG-T2I end to
+end on a CPU. Each image shows one to three shapes of one kind and one colour, grouped at one
+position on a plain light-grey background, and its caption names all four facts:
 
     caption := COUNT COLOUR SHAPE POSITION
     COUNT    := "one" | "two" | "three"
@@ -10,18 +10,21 @@ light-grey background, and its caption names all four facts:
     SHAPE    := "circle" | "square" | "triangle"      (plural "circles" ... when COUNT > one)
     POSITION := "on the left" | "on the right" | "at the top" | "at the bottom" | "in the centre"
 
-    e.g. "two red circles on the left", "one blue square at the top"   (3 * 4 * 3 * 5 = 180 captions)
+    e.g. "two red circles on the left", "one blue square at the top"
+    (3 * 4 * 3 * 5 = 180 captions)
 
-Everything is deterministic from a seed and nothing is downloaded. The second half is GenEval in miniature: a
-classical analyser (colour segmentation, connected components, shape moments) reads an image back into a
-scene, so a generated image can be scored against its prompt per category (count, colour, shape, position).
+Everything is deterministic from a seed and nothing is downloaded. The second half is GenEval in
+miniature: a classical analyser (colour segmentation, connected components, shape moments) reads an
+image back into a scene, so a generated image can be scored against its prompt per category
+(count, colour, shape, position).
 
-Splits: the world is small, so every caption appears in training; images are held out by seed. Training data
-is make_dataset(n, size, TRAIN_SEED); evaluation uses HELDOUT_SEED (prompts from heldout_prompts, images and
-sampling noise from that seed), so no evaluation image is ever a training image.
+Splits: the world is small, so every caption appears in training; images are held out by seed.
+Training data is make_dataset(n, size, TRAIN_SEED); evaluation uses HELDOUT_SEED
+(prompts from heldout_prompts, images and sampling noise from that seed), so no evaluation image is
+ever a training image.
 
-    python toy.py --check              # the analyser's accuracy on ground-truth renders, clean and degraded
-    python toy.py --grid shapes.png    # a contact sheet of samples, to look at
+    python toy.py --check            # the analyser on ground-truth renders, clean and degraded
+    python toy.py --grid shapes.png  # a contact sheet of samples, to look at
 """
 
 import argparse
@@ -36,18 +39,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # the world
 
 COUNTS = {"one": 1, "two": 2, "three": 3}
-COLOURS = {  # saturated and far apart in hue (0, 50, 130, 225 degrees), so they survive blur and noise
+COLOURS = {  # saturated and far apart in hue (0, 50, 130, 225 degrees): they survive blur, noise
     "red": (220, 30, 30),
     "green": (20, 170, 40),
     "blue": (30, 70, 220),
     "yellow": (240, 200, 20),
 }
 SHAPES = ("circle", "square", "triangle")
-POSITIONS = {  # phrase in the caption, and the anchor (x, y) in [0, 1] image coordinates the group sits around
+POSITIONS = {  # the caption's phrase, and the anchor (x, y) in [0, 1] the group sits around
     "left": ("on the left", (0.2, 0.5)),
     "right": ("on the right", (0.8, 0.5)),
     "top": ("at the top", (0.5, 0.2)),
@@ -57,18 +60,19 @@ POSITIONS = {  # phrase in the caption, and the anchor (x, y) in [0, 1] image co
 BACKGROUND = (240, 240, 240)
 TRAIN_SEED, HELDOUT_SEED = 0, 1
 
-# Geometry, as fractions of the image side S. Shapes sit on a 4 x 4 grid whose cells are the DINOv3 patches of a
-# 64-px image (16 px; 32 px at 128): one shape per cell, so each latent token holds at most one shape, and each
-# (position, count) has one arrangement of cells (a lone shape "in the centre" sits on the middle of the image, across
-# four cells). Sizes and centres are jittered a little; a gap keeps shapes apart. A world this regular is what a
-# 4.5M-parameter DiT can learn in twenty minutes on a CPU: with free placements it mixed arrangements (one shape
-# drawn where two layouts overlap) and over-counted.
+# Geometry, as fractions of the image side S. Shapes sit on a 4 x 4 grid whose cells are the DINOv3
+# patches of a 64-px image (16 px; 32 px at 128): one shape per cell, so each latent token holds at
+# most one shape, and each (position, count) has one arrangement of cells
+# (a lone shape "in the centre" sits on the middle of the image, across four cells). Sizes and
+# centres are jittered a little; a gap keeps shapes apart. A world this regular is what a
+# 4.5M-parameter DiT can learn in twenty minutes on a CPU: with free placements it mixed
+# arrangements (one shape drawn where two layouts overlap) and over-counted.
 GRID = 4
-SIZE_RANGE = (0.17, 0.19)  # side of the shapes' bounding box (one size per image, each shape within 5% of it)
+SIZE_RANGE = (0.17, 0.19)  # side of a shape's bounding box (one per image, each shape within 5%)
 JITTER = 0.005  # of each shape's centre, around its cell's centre
 GAP = 0.03  # least empty space between two shapes' bounding boxes
 EDGE = 0.01  # least space between a shape and the image border
-CENTRE_BOX = 0.15  # the analyser calls a group "centre" when its centroid is within this of the middle
+CENTRE_BOX = 0.15  # the analyser calls a group "centre" when its centroid is this near the middle
 
 
 def _cells(position, n):
@@ -108,7 +112,8 @@ def caption(scene):
 
 def all_scenes():
     """Every scene of the world, in a fixed order."""
-    return [Scene(n, c, s, p) for n in COUNTS.values() for c in COLOURS for s in SHAPES for p in POSITIONS]
+    return [Scene(n, c, s, p)
+            for n in COUNTS.values() for c in COLOURS for s in SHAPES for p in POSITIONS]
 
 
 CAPTIONS = [caption(s) for s in all_scenes()]  # all 180 captions: the corpus for the toy tokenizer
@@ -116,7 +121,8 @@ WORDS = sorted({w for c in CAPTIONS for w in c.split()})  # the 22 words they us
 
 
 def parse_caption(text):
-    """Read a prompt back into a Scene. Lenient about case, plurals, "center" and digits; strict about content."""
+    """Read a prompt back into a Scene. Lenient about case, plurals, "center" and digits; strict
+    about content."""
     words = text.lower().replace(",", " ").replace(".", " ").split()
     aliases = {"1": "one", "2": "two", "3": "three", "center": "centre", "middle": "centre"}
     words = [aliases.get(w, w) for w in words]
@@ -126,8 +132,8 @@ def parse_caption(text):
         found = [w for w in singular if w in options]
         if len(set(found)) != 1:
             problem = "no" if not found else f"several ({', '.join(found)})"
-            raise ValueError(f"cannot parse {text!r}: {problem} {what}; use one of {sorted(options)}, "
-                             f"e.g. {CAPTIONS[0]!r}")
+            raise ValueError(f"cannot parse {text!r}: {problem} {what}; use one of "
+                             f"{sorted(options)}, e.g. {CAPTIONS[0]!r}")
         return found[0]
 
     return Scene(count=COUNTS[one_of(COUNTS, "count")], colour=one_of(COLOURS, "colour"),
@@ -141,12 +147,13 @@ def sample_scene(rng):
                  shape=str(rng.choice(SHAPES)), position=str(rng.choice(list(POSITIONS))))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # rendering
 
 
 def position_of(x, y):
-    """Which position a group of shapes with centroid (x, y) (in [0, 1]) is at: the rule the analyser uses."""
+    """Which position a group of shapes with centroid (x, y) (in [0, 1]) is at: the rule the
+    analyser uses."""
     dx, dy = x - 0.5, y - 0.5
     if max(abs(dx), abs(dy)) < CENTRE_BOX:
         return "centre"
@@ -156,16 +163,19 @@ def position_of(x, y):
 
 
 def _clearly_at(position, x, y):
-    """Stricter than position_of: the ground truth keeps a margin from every boundary of the rule."""
+    """Stricter than position_of: the ground truth keeps a margin from every boundary
+    of the rule."""
     dx, dy = x - 0.5, y - 0.5
     if position == "centre":
         return max(abs(dx), abs(dy)) <= CENTRE_BOX - 0.07
     cross, along = (dx, dy) if position in ("left", "right") else (dy, dx)
-    return abs(cross) >= CENTRE_BOX + 0.07 and abs(along) <= abs(cross) - 0.1 and position_of(x, y) == position
+    apart = abs(cross) >= CENTRE_BOX + 0.07 and abs(along) <= abs(cross) - 0.1
+    return apart and position_of(x, y) == position
 
 
 def _layout(scene, rng):
-    """Shape centres and sizes (fractions of S) for a scene: grid cells, jittered, apart, clearly at the position."""
+    """Shape centres and sizes (fractions of S) for a scene: grid cells, jittered, apart, clearly
+    at the position."""
     n = scene.count
     cells = np.array(_cells(scene.position, n), dtype=float)
     for _ in range(1000):  # rejection sampling; a try or two on average
@@ -178,7 +188,7 @@ def _layout(scene, rng):
                     for i in range(n) for j in range(i))
         if inside and apart and _clearly_at(scene.position, x.mean(), y.mean()):
             return x, y, d
-    raise RuntimeError(f"could not lay out {scene}")  # never happens for the ranges above (tests cover it)
+    raise RuntimeError(f"could not lay out {scene}")  # never for the ranges above (tests cover it)
 
 
 def _draw(draw, shape, cx, cy, d, fill):
@@ -188,11 +198,13 @@ def _draw(draw, shape, cx, cy, d, fill):
     elif shape == "square":
         draw.rectangle([cx - d / 2, cy - d / 2, cx + d / 2, cy + d / 2], fill=fill)
     else:
-        draw.polygon([(cx, cy - d / 2), (cx + d / 2, cy + d / 2), (cx - d / 2, cy + d / 2)], fill=fill)
+        draw.polygon([(cx, cy - d / 2), (cx + d / 2, cy + d / 2), (cx - d / 2, cy + d / 2)],
+                     fill=fill)
 
 
 def render(scene, size=128, rng=None):
-    """Render a scene to an RGB image of size x size. Drawn 4x larger and box-downsampled, for clean edges."""
+    """Render a scene to an RGB image of size x size. Drawn 4x larger and box-downsampled, for
+    clean edges."""
     if size < 32:
         raise ValueError(f"image size must be at least 32 pixels, got {size}; use e.g. 64 or 128")
     x, y, d = _layout(scene, np.random.default_rng(rng))
@@ -205,7 +217,8 @@ def render(scene, size=128, rng=None):
 
 
 def make_dataset(n, size=128, seed=TRAIN_SEED):
-    """n (image, caption) pairs. Item i depends only on (seed, i), so a longer data set extends a shorter one."""
+    """n (image, caption) pairs. Item i depends only on (seed, i), so a longer data set extends a
+    shorter one."""
     data = []
     for i in range(n):
         rng = np.random.default_rng([seed, i])
@@ -215,41 +228,49 @@ def make_dataset(n, size=128, seed=TRAIN_SEED):
 
 
 def heldout_prompts(n, seed=HELDOUT_SEED):
-    """n evaluation prompts, balanced: every caption once (in a seeded order) before any repeats."""
+    """n evaluation prompts, balanced: every caption once (in a seeded order) before
+    any repeats."""
     rng = np.random.default_rng(seed)
     order = np.concatenate([rng.permutation(len(CAPTIONS)) for _ in range(n // len(CAPTIONS) + 1)])
     return [CAPTIONS[i] for i in order[:n]]
 
 
 def degrade(image, rng=None, blur=1.0, noise=0.05):
-    """Soften an image the way a generative model does: Gaussian blur (radius in pixels at 128, scaled with
-    the image size) and additive Gaussian noise (std as a fraction of full range). Used to test the analyser."""
+    """Soften an image the way a generative model does: Gaussian blur
+    (radius in pixels at 128, scaled with the image size) and additive Gaussian noise
+    (std as a fraction of full range). Used to test the analyser."""
     rng = np.random.default_rng(rng)
     image = image.filter(ImageFilter.GaussianBlur(blur * image.width / 128))
-    a = np.asarray(image, dtype=np.float32) / 255 + rng.normal(0, noise, size=(image.height, image.width, 3))
+    a = np.asarray(image, dtype=np.float32) / 255 + rng.normal(0, noise,
+                                                               size=(image.height, image.width, 3))
     return Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # the analyser: GenEval in miniature
 #
-# Pixels with colour (the background is grey) are grouped into connected blobs; specks are dropped. A blob's
-# colour is the palette hue nearest its mean hue. Its shape comes from two numbers that are sums over many
-# pixels, so they barely move under blur and noise, measured on a soft mask m (1 inside, fading at the edges):
-#   fill = (tallest column of m) * (widest row of m) / (area of m): square 1, circle 4/pi = 1.27, triangle 2;
-#   skew = skewness of m's mass from top to bottom: circle and square 0; an upright triangle, wide at the
+# Pixels with colour (the background is grey) are grouped into connected blobs; specks are dropped.
+# A blob's colour is the palette hue nearest its mean hue. Its shape comes from two numbers that
+# are sums over many pixels, so they barely move under blur and noise, measured on a soft mask m
+# (1 inside, fading at the edges):
+#   fill = (tallest column of m) * (widest row of m) / (area of m): square 1, circle 4/pi = 1.27,
+#   triangle 2; skew = skewness of m's mass from top to bottom: circle and square 0; an upright
+#   triangle, wide at the
 #          bottom, -0.57.
-# The group's position is position_of() at the blobs' mean centre, the rule the renderer keeps a margin from.
+# The group's position is position_of() at the blobs' mean centre, the rule the renderer
+# keeps a margin from.
 
 CHROMA_MIN = 0.2  # a pixel may belong to a shape when max(rgb) - min(rgb) exceeds this
-AREA_MIN = 0.004  # blobs smaller than this fraction of the image are specks, not shapes (shapes are >= 0.018)
-SKEW_MAX = -0.2  # a blob whose skew is below this is a triangle (degraded renders: triangles < -0.29, others > -0.1)
-FILL_MAX = 1.18  # otherwise a square when its fill is below this, else a circle (degraded: squares < 1.17 < circles)
+# Thresholds (as measured on degraded renders):
+AREA_MIN = 0.004  # blobs below this fraction of the image are specks (shapes are >= 0.018)
+SKEW_MAX = -0.2  # a blob skewed below this is a triangle (triangles < -0.29, others > -0.1)
+FILL_MAX = 1.18  # otherwise a square when its fill is below this (squares < 1.17 < circles)
 
 
 @dataclass
 class Blob:
-    """One detected shape: its colour, kind, centre (x, y in [0, 1]), area (fraction of the image), features."""
+    """One detected shape: its colour, kind, centre (x, y in [0, 1]), area
+    (fraction of the image), features."""
     colour: str
     shape: str
     x: float
@@ -261,7 +282,8 @@ class Blob:
 
 @dataclass
 class Detection:
-    """What the analyser sees: like a Scene (None where nothing was found), plus the shapes it found."""
+    """What the analyser sees: like a Scene (None where nothing was found), plus the
+    shapes it found."""
     count: int
     colour: str
     shape: str
@@ -270,18 +292,21 @@ class Detection:
 
 
 def _opponent(rgb):
-    """Two opponent-colour axes (..., 2) whose angle is the hue and whose length is about the chroma."""
+    """Two opponent-colour axes (..., 2) whose angle is the hue and whose length is
+    about the chroma."""
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     return np.stack([r - (g + b) / 2, (g - b) * math.sqrt(3) / 2], axis=-1)
 
 
-_HUES = {name: math.atan2(*_opponent(np.array(c, dtype=np.float64) / 255)[::-1]) for name, c in COLOURS.items()}
+_HUES = {name: math.atan2(*_opponent(np.array(c, dtype=np.float64) / 255)[::-1])
+         for name, c in COLOURS.items()}
 
 
 def _components(mask):
-    """Label the 4-connected components of a boolean mask (-1 off the mask). Every pixel starts with its own
-    index as label and repeatedly takes the smallest label among its neighbours, then the label of the pixel its
-    label names (pointer jumping, so long shapes need few rounds), until nothing changes."""
+    """Label the 4-connected components of a boolean mask (-1 off the mask). Every pixel starts
+    with its own index as label and repeatedly takes the smallest label among its neighbours, then
+    the label of the pixel its label names (pointer jumping, so long shapes need few rounds), until
+    nothing changes."""
     h, w = mask.shape
     off = h * w  # the label of pixels off the mask, larger than any index
     lab = np.where(mask, np.arange(off).reshape(h, w), off)
@@ -301,8 +326,10 @@ def _as_rgb_array(image):
         return np.asarray(image.convert("RGB"), dtype=np.float32) / 255
     a = np.asarray(image)
     if a.ndim != 3 or a.shape[-1] != 3:
-        raise ValueError(f"expected an RGB image of shape (H, W, 3), got shape {a.shape}; pass a PIL image instead")
-    return a.astype(np.float32) / 255 if a.dtype == np.uint8 else np.clip(a.astype(np.float32), 0, 1)
+        raise ValueError(f"expected an RGB image of shape (H, W, 3), got shape {a.shape}; pass a "
+                         "PIL image instead")
+    a = a.astype(np.float32)
+    return a / 255 if np.asarray(image).dtype == np.uint8 else np.clip(a, 0, 1)
 
 
 def _shape_features(m):
@@ -322,8 +349,9 @@ def analyse(image):
     rgb = _as_rgb_array(image)
     h, w, _ = rgb.shape
     # a 3x3 median filter removes pixel noise without moving edges
-    rgb = np.asarray(Image.fromarray((rgb * 255).round().astype(np.uint8)).filter(ImageFilter.MedianFilter(3)),
-                     dtype=np.float32) / 255
+    smooth = Image.fromarray((rgb * 255).round().astype(np.uint8))
+    smooth = smooth.filter(ImageFilter.MedianFilter(3))
+    rgb = np.asarray(smooth, dtype=np.float32) / 255
     chroma = rgb.max(-1) - rgb.min(-1)
     opp = _opponent(rgb)
     labels = _components(chroma > CHROMA_MIN)
@@ -332,9 +360,10 @@ def analyse(image):
         ys, xs = np.nonzero(labels == i)
         if len(ys) < AREA_MIN * h * w:
             continue
-        # The low threshold finds faint shapes, but noise can bridge close neighbours into one blob. A shape's
-        # edge is where the chroma falls to half its own (the middle of a blurred step), whatever its colour,
-        # so cut there and keep the parts that fall apart.
+        # The low threshold finds faint shapes, but noise can bridge close neighbours into one
+        # blob. A shape's edge is where the chroma falls to half its own
+        # (the middle of a blurred step), whatever its colour, so cut there and keep the parts
+        # that fall apart.
         level = np.median(chroma[ys, xs])
         y0, x0 = ys.min(), xs.min()
         box = (slice(y0, ys.max() + 1), slice(x0, xs.max() + 1))
@@ -346,13 +375,15 @@ def analyse(image):
             ys, xs = ys + y0, xs + x0
             hue = math.atan2(*opp[ys, xs].sum(0)[::-1])
             colour = min(_HUES, key=lambda c: abs(math.remainder(hue - _HUES[c], 2 * math.pi)))
-            # the soft mask: the part's box grown by a pixel, its blob's pixels weighted by relative chroma
-            near = (slice(max(ys.min() - 1, 0), ys.max() + 2), slice(max(xs.min() - 1, 0), xs.max() + 2))
+            # the soft mask: the part's box grown by a pixel, its blob's pixels weighted by
+            # relative chroma
+            near = (slice(max(ys.min() - 1, 0), ys.max() + 2),
+                    slice(max(xs.min() - 1, 0), xs.max() + 2))
             m = np.clip(chroma[near] / level, 0, 1) * (labels[near] == i)
             fill, skew = _shape_features(m)
             shape = "triangle" if skew < SKEW_MAX else "square" if fill < FILL_MAX else "circle"
-            blobs.append(Blob(colour, shape, (xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h, len(ys) / (h * w),
-                              fill, skew))
+            blobs.append(Blob(colour, shape, (xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h,
+                              len(ys) / (h * w), fill, skew))
     if not blobs:
         return Detection(0, None, None, None, [])
 
@@ -360,13 +391,13 @@ def analyse(image):
         return max(sorted(set(values)), key=values.count)
 
     position = position_of(np.mean([b.x for b in blobs]), np.mean([b.y for b in blobs]))
-    return Detection(len(blobs), majority([b.colour for b in blobs]), majority([b.shape for b in blobs]),
-                     position, blobs)
+    return Detection(len(blobs), majority([b.colour for b in blobs]),
+                     majority([b.shape for b in blobs]), position, blobs)
 
 
 def score(image, text):
-    """Check an image against its caption, per category. colour and shape hold only when every detected shape
-    has them (and at least one was found); overall holds when all four do."""
+    """Check an image against its caption, per category. colour and shape hold only when every
+    detected shape has them (and at least one was found); overall holds when all four do."""
     want = text if isinstance(text, Scene) else parse_caption(text)
     got = analyse(image)
     result = {
@@ -388,7 +419,8 @@ def summarise(scores):
 
 
 def wrong_caption(scene, category, rng):
-    """The caption of scene with one category changed to a different random value (to check scores fail)."""
+    """The caption of scene with one category changed to a different random value
+    (to check scores fail)."""
     options = {"count": list(COUNTS.values()), "colour": list(COLOURS), "shape": list(SHAPES),
                "position": list(POSITIONS)}[category]
     value = getattr(scene, category)
@@ -396,24 +428,29 @@ def wrong_caption(scene, category, rng):
     return caption(Scene(**{**scene.__dict__, category: other}))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# preparing the toy SVG-T2I (python train.py --toy runs these, then its ordinary DiT loop, then write_bundle)
+# -------------------------------------------------------------------------------------------------
+# preparing the toy SVG-T2I (python train.py --toy runs these, then its ordinary DiT loop,
+# then write_bundle)
 #
-# Every part is the real code path with tiny sizes: a random DINOv3 (a stand-in for the pretrained one: with its
-# LayerScale at the official 1e-5 init, its features are a faithful, nearly linear code of each 16x16 patch), a
-# random Gemma-2 with a sentencepiece tokenizer trained on the captions, a decoder trained on reconstruction,
-# latent statistics computed from the data (official file format) and a NextDiT trained by flow matching.
+# Every part is the real code path with tiny sizes: a random DINOv3
+# (a stand-in for the pretrained one: with its LayerScale at the official 1e-5 init, its features
+# are a faithful, nearly linear code of each 16x16 patch), a random Gemma-2 with a sentencepiece
+# tokenizer trained on the captions, a decoder trained on reconstruction, latent statistics
+# computed from the data (official file format) and a NextDiT trained by flow matching.
 
 SIZE = 64  # the toy's images: a 4 x 4 grid of DINOv3 patches
-BUNDLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy")  # what sample.py --toy reads
-SAMPLING = dict(steps=25, cfg=4.0, shift=2.0, solver="euler", system_prompt="empty")  # the bundle's defaults
+# the bundled toy model, which sample.py --toy reads, and its sampling defaults (in its run.json)
+BUNDLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy")
+SAMPLING = dict(steps=25, cfg=4.0, shift=2.0, solver="euler", system_prompt="empty")
 
 
-def make_tiny_frozen(folder, texts, seed=0, dinov3_config=None, decoder_config=None, gemma_config=None):
-    """Write tiny random frozen parts into `folder`: a DINOv3 (`dinov3.pth`, original layout), an autoencoder
-    (`autoencoder.safetensors`: `encoder.*` DINOv3 + `decoder.*`, random decoder) and a Gemma-2 folder
-    (`text_encoder/`) with a sentencepiece tokenizer trained on `texts`. Random weights stand in for the
-    pretrained ones: the point is that every loader and code path is the real one. Returns their paths."""
+def make_tiny_frozen(folder, texts, seed=0, dinov3_config=None, decoder_config=None,
+                     gemma_config=None):
+    """Write tiny random frozen parts into `folder`: a DINOv3 (`dinov3.pth`, original layout), an
+    autoencoder (`autoencoder.safetensors`: `encoder.*` DINOv3 + `decoder.*`, random decoder) and a
+    Gemma-2 folder (`text_encoder/`) with a sentencepiece tokenizer trained on `texts`. Random
+    weights stand in for the pretrained ones: the point is that every loader and code path is the
+    real one. Returns their paths."""
     import sentencepiece as spm
     import torch
     from safetensors.torch import save_file
@@ -430,7 +467,8 @@ def make_tiny_frozen(folder, texts, seed=0, dinov3_config=None, decoder_config=N
     decoder = Decoder(decoder_config or DecoderConfig.tiny(z_channels=dcfg.dim))
     ae_sd = {**{"encoder." + k: v for k, v in dino_sd.items()},
              **{"decoder." + k: v.detach() for k, v in decoder.state_dict().items()}}
-    save_file({k: v.contiguous() for k, v in ae_sd.items()}, os.path.join(folder, "autoencoder.safetensors"))
+    save_file({k: v.contiguous() for k, v in ae_sd.items()},
+              os.path.join(folder, "autoencoder.safetensors"))
     tok = train_tokenizer(texts, os.path.join(folder, "tokenizer"))
     vocab = spm.SentencePieceProcessor(model_file=tok).get_piece_size()
     gcfg = gemma_config or Gemma2Config.tiny(vocab_size=vocab, hidden_size=64, num_hidden_layers=2,
@@ -455,8 +493,9 @@ def write_data(folder, n, seed=TRAIN_SEED):
 
 
 def train_decoder(ae_path, images, steps, batch=16, lr=2e-3, seed=0, log=print):
-    """Train the autoencoder's decoder on reconstruction (L1 + L2 in pixels) from the frozen DINOv3 features of
-    `images` ([N, 3, H, W] in [-1, 1]); cosine learning rate; writes the checkpoint back in place."""
+    """Train the autoencoder's decoder on reconstruction (L1 + L2 in pixels) from the frozen DINOv3
+    features of `images` ([N, 3, H, W] in [-1, 1]); cosine learning rate; writes the checkpoint
+    back in place."""
     import torch
     from safetensors.torch import save_file
 
@@ -482,13 +521,14 @@ def train_decoder(ae_path, images, steps, batch=16, lr=2e-3, seed=0, log=print):
             log(f"decoder step {step}/{steps}  loss {loss.item():.4f}  {time.time() - t0:.0f}s")
     sd = {k: v.clone() for k, v in read_state_dict(ae_path).items()}
     sd.update({"decoder." + k: v.detach().contiguous() for k, v in decoder.state_dict().items()})
-    atomic_write(ae_path, lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp)))
+    atomic_write(ae_path,
+                 lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp)))
 
 
 def prepare(work, n_images=6000, decoder_steps=2000, seed=0, log=print):
-    """Everything the toy's DiT stage needs, in `work` (each part is kept, so a rerun reuses it): the data
-    (work/data), the frozen parts with the decoder trained (work/frozen). Returns {"data", "autoencoder",
-    "dinov3", "gemma"} paths."""
+    """Everything the toy's DiT stage needs, in `work` (each part is kept, so a rerun reuses it):
+    the data (work/data), the frozen parts with the decoder trained (work/frozen). Returns
+    {"data", "autoencoder", "dinov3", "gemma"} paths."""
     from dinov3 import DINOv3Config
     from decoder import DecoderConfig
     from svgt2i import atomic_write, images_to_tensor
@@ -500,10 +540,13 @@ def prepare(work, n_images=6000, decoder_steps=2000, seed=0, log=print):
         write_data(work / "data", n_images)
     frozen_json = work / "frozen.json"
     if not frozen_json.is_file():
-        log("toy frozen parts: random DINOv3 (dim 128) and Gemma-2 (hidden 64), tokenizer on the toy captions")
+        log("toy frozen parts: random DINOv3 (dim 128) and Gemma-2 (hidden 64), tokenizer on the "
+            "toy captions")
         made = make_tiny_frozen(str(work / "frozen"), list(CAPTIONS) + [""], seed=seed,
-                                dinov3_config=DINOv3Config(dim=128, depth=2, n_heads=2, ffn_dim=256),
-                                decoder_config=DecoderConfig(z_channels=128, ch=32, num_res_blocks=0))
+                                dinov3_config=DINOv3Config(dim=128, depth=2, n_heads=2,
+                                                           ffn_dim=256),
+                                decoder_config=DecoderConfig(z_channels=128, ch=32,
+                                                             num_res_blocks=0))
         paths = [json.loads(line)["path"] for line in data.read_text().splitlines()]
         images = images_to_tensor([Image.open(work / "data" / p) for p in paths])
         train_decoder(made["autoencoder"], images, decoder_steps, seed=seed, log=log)
@@ -513,9 +556,9 @@ def prepare(work, n_images=6000, decoder_steps=2000, seed=0, log=print):
 
 
 def write_bundle(bundle, run_dir, frozen):
-    """The finished toy model, in the layout sample.py reads: the DiT's EMA weights, the autoencoder, the
-    latent statistics, the Gemma folder, and run.json with the sampling defaults. Weights are stored in fp16
-    (half the size; the loaders cast them to the model dtype)."""
+    """The finished toy model, in the layout sample.py reads: the DiT's EMA weights, the
+    autoencoder, the latent statistics, the Gemma folder, and run.json with the sampling defaults.
+    Weights are stored in fp16 (half the size; the loaders cast them to the model dtype)."""
     from safetensors.torch import save_file
 
     from svgt2i import atomic_write, checkpoint_folder, read_state_dict
@@ -524,13 +567,14 @@ def write_bundle(bundle, run_dir, frozen):
     run = json.loads((ckpt / "run.json").read_text())
 
     def half(sd):
-        return {k: (v.half() if v.is_floating_point() and not k.endswith("periods") else v).contiguous()
-                for k, v in sd.items()}
+        return {k: (v.half() if v.is_floating_point() and not k.endswith("periods") else v)
+                .contiguous() for k, v in sd.items()}
 
     def write(tmp):
         tmp.mkdir()
         save_file(half(read_state_dict(ckpt / "ema.safetensors")), str(tmp / "ema.safetensors"))
-        save_file(half(read_state_dict(frozen["autoencoder"])), str(tmp / "autoencoder.safetensors"))
+        save_file(half(read_state_dict(frozen["autoencoder"])),
+                  str(tmp / "autoencoder.safetensors"))
         shutil.copyfile(ckpt / "latent_stats.pt", tmp / "latent_stats.pt")
         shutil.copytree(frozen["gemma"], tmp / "text_encoder")
         info = {"frozen": {}, "resolution": SIZE, "sample": SAMPLING, "model": run["model"],
@@ -539,13 +583,13 @@ def write_bundle(bundle, run_dir, frozen):
     return atomic_write(bundle, write)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # command line
 
 
 def check(n=500, size=128, seed=HELDOUT_SEED):
-    """Print the analyser's accuracy on n ground-truth renders, clean and degraded, and its rejection rate of
-    captions that are wrong in one category. Returns the clean summary."""
+    """Print the analyser's accuracy on n ground-truth renders, clean and degraded, and its
+    rejection rate of captions that are wrong in one category. Returns the clean summary."""
     data = make_dataset(n, size, seed)
     rng = np.random.default_rng(seed)
     t0 = time.time()
@@ -555,7 +599,8 @@ def check(n=500, size=128, seed=HELDOUT_SEED):
     for blur, noise in [(1.0, 0.05), (1.5, 0.08)]:
         rows.append((f"blur {blur} + noise {noise}",
                      summarise([score(degrade(im, rng, blur, noise), cap) for im, cap in data])))
-    print(f"analyser on {n} ground-truth renders at {size}x{size} ({1000 * (t1 - t0) / n:.1f} ms per image)")
+    print(f"analyser on {n} ground-truth renders at {size}x{size} ({1000 * (t1 - t0) / n:.1f} ms "
+          "per image)")
     print(f"{'':24s}" + "".join(f"{k:>10s}" for k in CATEGORIES))
     for name, s in rows:
         print(f"{name:24s}" + "".join(f"{s[k]:10.3f}" for k in CATEGORIES))
@@ -579,8 +624,10 @@ def grid(path, n=24, size=128, seed=TRAIN_SEED, columns=6):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="The shapes world: data and prompt-following score.")
-    parser.add_argument("--check", action="store_true", help="validate the analyser on ground-truth renders")
+    parser = argparse.ArgumentParser(description="The shapes world: data and prompt-following "
+                                                 "score.")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the analyser on ground-truth renders")
     parser.add_argument("--grid", metavar="PNG", help="save a contact sheet of training samples")
     parser.add_argument("--n", type=int, default=500, help="images for --check (default 500)")
     parser.add_argument("--size", type=int, default=128, help="image size (default 128)")

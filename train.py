@@ -1,16 +1,19 @@
 """
-Train SVG-T2I's diffusion transformer: flow matching in normalised DINOv3 feature space, captions from Gemma-2,
-torch DDP on one or many nodes, bf16 autocast, the paper's four stages (Table 4).
+Train SVG-T2I's diffusion transformer: flow matching in normalised DINOv3 feature space, captions
+from Gemma-2, torch DDP on one or many nodes, bf16 autocast, the paper's four stages (Table 4).
 
     # one node, 8 GPUs, stage 1 (256 px) from scratch
     torchrun --nproc_per_node 8 train.py --stage 1 --data data.jsonl --out runs/s1 \\
         --autoencoder pre-trained/autoencoder/svg_autoencoder-P-stage3.ckpt \\
         --dinov3 pre-trained/dinov3_vits16plus_pretrain_lvd1689m-*.pth \\
-        --stats pre-trained/dinov3_s16p_layer_patchtoken_stats_dist.pt --gemma gemma-2-2b --micro-batch 48
-    # the next stage starts from the previous one's weights (frozen parts and statistics carry over)
-    torchrun --nproc_per_node 8 train.py --stage 2 --data data.jsonl --out runs/s2 --init-from runs/s1
+        --stats pre-trained/dinov3_s16p_layer_patchtoken_stats_dist.pt --gemma gemma-2-2b \\
+        --micro-batch 48
+    # the next stage starts from the previous one's weights (frozen parts, statistics carry over)
+    torchrun --nproc_per_node 8 train.py --stage 2 --data data.jsonl --out runs/s2 \\
+        --init-from runs/s1
     # many nodes: the same command on every node
-    torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 train.py --stage 1 ...
+    torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
+        train.py --stage 1 ...
     # continue a run that stopped (preempted, crashed, killed): bit-exact continuation
     torchrun --nproc_per_node 8 train.py --stage 1 ... --out runs/s1 --resume
     # tiny everything (model and frozen encoders), on a laptop CPU in seconds
@@ -18,27 +21,32 @@ torch DDP on one or many nodes, bf16 autocast, the paper's four stages (Table 4)
     # the toy model of toy.py: data, frozen parts, decoder, then this same loop
     python train.py --toy
 
-A step (the loop below): a micro-batch of images, each cropped to the aspect bucket closest to its own (data.py),
-is encoded by DINOv3 in fp32 and normalised with the latent statistics (x1); t is logit-normal shifted by the
-resolution; svgt2i.flow_matching_loss regresses NextDiT(x_t, t, caption) onto x1 - noise, per sample, and the
-losses are averaged over the global batch.
+A step (the loop below): a micro-batch of images, each cropped to the aspect bucket closest to its
+own (data.py), is encoded by DINOv3 in fp32 and normalised with the latent statistics (x1); t is
+logit-normal shifted by the resolution; svgt2i.flow_matching_loss regresses
+NextDiT(x_t, t, caption) onto x1 - noise, per sample, and the losses are averaged over
+the global batch.
 
 Where the official trainer (train_svg_t2i.py) is not followed, on purpose:
-- Max caption length really follows the stage (256/256/256/512). Upstream passes `max_cap_len` into the
-  `is_train` slot of encode_prompt, so every stage silently truncated captions at 256 tokens.
-- Caption variants are really sampled (short/middle/long with Table 1's ratios, zh/en 0.2/0.8). Upstream
-  builds the item processor without `use_long_cap` and never reads its `text_len_weights`: dead code.
-- EMA decay defaults to 0.9999 with a warm-up, min(decay, (1 + n) / (10 + n)) after n updates. Upstream's 0.95
-  averages over ~20 steps only, which is no averaging for a run of 10^5 steps; 0.9999 (~10^4 steps, the
-  DiT/SiT default) is a real average, and the warm-up keeps the EMA of short runs (and of each new stage) close
-  to the model instead of near its initialisation. `--ema-decay 0.95 --no-ema-warmup` reproduces upstream.
-- Every source of randomness of a sample (caption choice, caption dropout, t, noise) comes from a generator
-  seeded by (seed, resolution, the sample's position in the data stream). So a run gives the same result on
-  any number of GPUs for the same global batch, and a resumed run continues bit for bit.
-- A missing or unreadable image is replaced by the next record (as upstream's dataset does), but with a
-  warning and a count instead of silence.
-- DDP instead of FSDP SHARD_GRAD_OP: plainer, and the 2.6B model's fp32 weights, gradients, AdamW moments
-  and EMA (about 52 GB) fit on one 80 GB GPU next to Gemma in bf16, with activation checkpointing.
+- Max caption length really follows the stage (256/256/256/512). Upstream passes `max_cap_len` into
+  the `is_train` slot of encode_prompt, so every stage silently truncated captions at 256 tokens.
+- Caption variants are really sampled (short/middle/long with Table 1's ratios, zh/en 0.2/0.8).
+  Upstream builds the item processor without `use_long_cap` and never reads its
+  `text_len_weights`: dead code.
+- EMA decay defaults to 0.9999 with a warm-up, min(decay, (1 + n) / (10 + n)) after n updates.
+  Upstream's 0.95 averages over ~20 steps only, which is no averaging for a run of 10^5 steps;
+  0.9999 (~10^4 steps, the DiT/SiT default) is a real average, and the warm-up keeps the EMA of
+  short runs (and of each new stage) close to the model instead of near its initialisation.
+  `--ema-decay 0.95 --no-ema-warmup` reproduces upstream.
+- Every source of randomness of a sample (caption choice, caption dropout, t, noise) comes from a
+  generator seeded by (seed, resolution, the sample's position in the data stream). So a run gives
+  the same result on any number of GPUs for the same global batch, and a resumed run
+  continues bit for bit.
+- A missing or unreadable image is replaced by the next record (as upstream's dataset does), but
+  with a warning and a count instead of silence.
+- DDP instead of FSDP SHARD_GRAD_OP: plainer, and the 2.6B model's fp32 weights, gradients, AdamW
+  moments and EMA (about 52 GB) fit on one 80 GB GPU next to Gemma in bf16, with
+  activation checkpointing.
 """
 
 import argparse
@@ -59,46 +67,53 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from data import Cache, Positions, Records, TrainSet, accumulate_stats, caption_texts, collate, crops_for
+from data import (Cache, Positions, Records, TrainSet, accumulate_stats, caption_texts, collate,
+                  crops_for)
 from nextdit import PRESETS, NextDiT, NextDiTConfig, nextdit_keymap
 from svgt2i import (SYSTEM_PROMPTS, Autoencoder, TextEncoder, atomic_write, checkpoint_folder,
-                    flow_matching_loss, load_autoencoder, load_dinov3, load_gemma2, load_latent_stats,
-                    load_tokenizer, read_state_dict, sample_training_t, training_shift)
+                    flow_matching_loss, load_autoencoder, load_dinov3, load_gemma2,
+                    load_latent_stats, load_tokenizer, read_state_dict, sample_training_t,
+                    training_shift)
 
 
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Stages (Table 4) and the official recipe (reference nextdit.md section 4)
 
-# stage: resolution, global batch, steps, max text tokens, caption length ratios (short, middle, long; Table 1:
-# data C/D for stages 1-3, the high-aesthetic data E for stage 4)
+# stage: resolution, global batch, steps, max text tokens, caption length ratios
+# (short, middle, long; Table 1: data C/D for stages 1-3, the high-aesthetic data E for stage 4)
 STAGES = {
-    1: dict(resolution=256, global_batch=1536, steps=91_000, max_text_len=256, caption_ratios=(0.10, 0.35, 0.55)),
-    2: dict(resolution=512, global_batch=768, steps=90_000, max_text_len=256, caption_ratios=(0.10, 0.35, 0.55)),
-    3: dict(resolution=1024, global_batch=768, steps=44_000, max_text_len=256, caption_ratios=(0.10, 0.35, 0.55)),
-    4: dict(resolution=1024, global_batch=768, steps=40_000, max_text_len=512, caption_ratios=(0.0, 0.0, 1.0)),
+    1: dict(resolution=256, global_batch=1536, steps=91_000, max_text_len=256,
+            caption_ratios=(0.10, 0.35, 0.55)),
+    2: dict(resolution=512, global_batch=768, steps=90_000, max_text_len=256,
+            caption_ratios=(0.10, 0.35, 0.55)),
+    3: dict(resolution=1024, global_batch=768, steps=44_000, max_text_len=256,
+            caption_ratios=(0.10, 0.35, 0.55)),
+    4: dict(resolution=1024, global_batch=768, steps=40_000, max_text_len=512,
+            caption_ratios=(0.0, 0.0, 1.0)),
 }
-RECIPE = dict(save_every=2000, log_every=10, workers=min(4, os.cpu_count() or 1), checkpointing=True, threads=0,
-              lr=2e-4, ema_decay=0.9999)
-# --model tiny runs every stage on a CPU: half the resolution, small batches, few steps. One intra-op thread:
-# the tiny tensors gain nothing from more, and on a busy machine extra threads only spin.
-TINY_STAGE = dict(global_batch=16, steps=100, save_every=50, log_every=10, workers=0, checkpointing=False,
-                  threads=1)
-# --model toy (python train.py --toy): 64-px images (a 4 x 4 grid of DINOv3 patches), a higher lr and a shorter
-# EMA for a 2,200-step run.
-TOY_STAGE = dict(resolution=64, global_batch=64, steps=2200, lr=1e-3, ema_decay=0.999, save_every=250,
-                 log_every=50, workers=0)
+RECIPE = dict(save_every=2000, log_every=10, workers=min(4, os.cpu_count() or 1),
+              checkpointing=True, threads=0, lr=2e-4, ema_decay=0.9999)
+# --model tiny runs every stage on a CPU: half the resolution, small batches, few steps. One
+# intra-op thread: the tiny tensors gain nothing from more, and on a busy machine extra
+# threads only spin.
+TINY_STAGE = dict(global_batch=16, steps=100, save_every=50, log_every=10, workers=0,
+                  checkpointing=False, threads=1)
+# --model toy (python train.py --toy): 64-px images (a 4 x 4 grid of DINOv3 patches), a higher lr
+# and a shorter EMA for a 2,200-step run.
+TOY_STAGE = dict(resolution=64, global_batch=64, steps=2200, lr=1e-3, ema_decay=0.999,
+                 save_every=250, log_every=50, workers=0)
 
-ADAM_BETAS, ADAM_EPS = (0.9, 0.95), 1e-15    # upstream's AdamW; lr is constant (no warm-up, no schedule)
-T_BINS = 10                                  # loss is logged per t-bin: [0, 0.1), ..., [0.9, 1] (0 = noise)
-PEAK_TFLOPS = {"H200": 989, "H100": 989, "H800": 989, "H20": 148, "A100": 312, "A800": 312, "L40S": 362,
-               "B200": 2250, "GB200": 2500}  # dense bf16, for the MFU estimate
+ADAM_BETAS, ADAM_EPS = (0.9, 0.95), 1e-15  # upstream's AdamW; a constant lr (no warm-up, schedule)
+T_BINS = 10                                # loss is logged per t-bin: [0, 0.1), ..., [0.9, 1]
+PEAK_TFLOPS = {"H200": 989, "H100": 989, "H800": 989, "H20": 148, "A100": 312, "A800": 312,
+               "L40S": 362, "B200": 2250, "GB200": 2500}  # dense bf16, for the MFU estimate
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # This process's place in the run: rank, world, device, the collectives, and logging
 
 
@@ -132,7 +147,8 @@ class Dist:
             dist.barrier()
 
     def all_reduce(self, t, op=dist.ReduceOp.SUM):
-        """Reduce a tensor over ranks (on a device the backend takes); returns the result on the CPU."""
+        """Reduce a tensor over ranks (on a device the backend takes); returns the
+        result on the CPU."""
         if self.world == 1:
             return t
         t = t.to(self.device if self.device.type == "cuda" else "cpu")
@@ -151,7 +167,8 @@ class Dist:
         return out
 
     def log(self, msg, every_rank=False, end="\n"):
-        """Rank 0 prints to stdout and appends OUT/log.txt; `every_rank` lines (warnings) go to stderr."""
+        """Rank 0 prints to stdout and appends OUT/log.txt; `every_rank` lines (warnings)
+        go to stderr."""
         if not (self.main or every_rank):
             return
         prefix = f"[rank {self.rank}] " if self.world > 1 and every_rank else ""
@@ -164,12 +181,13 @@ class Dist:
         self.log(msg, every_rank=True)
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Frozen parts: DINOv3 (the latent space), the statistics, Gemma-2 (captions)
 
 
 class Frozen:
-    """The frozen encoders, loaded on first use (a run that reads a complete cache never loads them)."""
+    """The frozen encoders, loaded on first use (a run that reads a complete cache never
+    loads them)."""
 
     def __init__(self, paths, device, text_dtype):
         self.paths, self.device, self.text_dtype = paths, device, text_dtype
@@ -177,18 +195,20 @@ class Frozen:
 
     @property
     def encoder(self):
-        """Autoencoder with its DINOv3 only. Training encodes with DINOv3 alone, also when given an R
-        autoencoder (upstream's R yaml has no extra_vit_config, so its latents are the P latents)."""
+        """Autoencoder with its DINOv3 only. Training encodes with DINOv3 alone, also when given an
+        R autoencoder (upstream's R yaml has no extra_vit_config, so its latents are
+        the P latents)."""
         if self._encoder is None:
             dino = None
             if self.paths["autoencoder"]:
-                dino = load_autoencoder(self.paths["autoencoder"], dinov3_path=self.paths["dinov3"],
+                dino = load_autoencoder(self.paths["autoencoder"],
+                                        dinov3_path=self.paths["dinov3"],
                                         device=self.device).encoder
             elif self.paths["dinov3"]:
                 dino = load_dinov3(self.paths["dinov3"], device=self.device)
             if dino is None:
-                raise UsageError("no DINOv3 weights: the autoencoder checkpoint has no encoder.* keys; pass "
-                                 "--dinov3 dinov3_vits16plus_pretrain_lvd1689m-*.pth")
+                raise UsageError("no DINOv3 weights: the autoencoder checkpoint has no encoder.* "
+                                 "keys; pass --dinov3 dinov3_vits16plus_pretrain_lvd1689m-*.pth")
             self._encoder = Autoencoder(None, dino.requires_grad_(False)).to(self.device).eval()
         return self._encoder
 
@@ -201,8 +221,8 @@ class Frozen:
 
     @torch.no_grad()
     def encode_images(self, images):
-        """Images [3, h_i, w_i] -> raw DINOv3 features [C, h_i/16, w_i/16], fp32 (no autocast, as upstream),
-        one encoder call per group of equal size."""
+        """Images [3, h_i, w_i] -> raw DINOv3 features [C, h_i/16, w_i/16], fp32
+        (no autocast, as upstream), one encoder call per group of equal size."""
         out, groups = [None] * len(images), {}
         for i, im in enumerate(images):
             groups.setdefault(tuple(im.shape), []).append(i)
@@ -234,9 +254,10 @@ def read_run_json(folder):
 
 
 def frozen_paths(args, d, out, records, sources):
-    """The frozen parts, each from the command line, else from the run.json of the checkpoint we resume or
-    start from (--init-from), so a stage chain keeps its encoders; for --model tiny without them, tiny random
-    ones are made in OUT/frozen (toy.make_tiny_frozen). Then the latent statistics (stats_file)."""
+    """The frozen parts, each from the command line, else from the run.json of the checkpoint we
+    resume or start from (--init-from), so a stage chain keeps its encoders; for --model tiny
+    without them, tiny random ones are made in OUT/frozen (toy.make_tiny_frozen). Then the latent
+    statistics (stats_file)."""
     paths = {k: getattr(args, k) for k in ("autoencoder", "dinov3", "gemma")}
     for src in sources:
         frozen = read_run_json(src).get("frozen", {}) if src else {}
@@ -244,15 +265,15 @@ def frozen_paths(args, d, out, records, sources):
             paths[k] = paths[k] or frozen.get(k)
     if not (paths["autoencoder"] or paths["dinov3"]) or not paths["gemma"]:
         if args.model != "tiny":
-            raise UsageError("missing frozen parts: pass --autoencoder (and --dinov3 if it has no encoder.* keys)"
-                             " and --gemma (the Gemma-2-2B folder); see README")
+            raise UsageError("missing frozen parts: pass --autoencoder (and --dinov3 if it has no "
+                             "encoder.* keys) and --gemma (the Gemma-2-2B folder); see README")
         if d.main and not (out / "frozen.json").is_file():
             import toy
             # the tokenizer of the tiny Gemma is trained on the captions as Gemma will see them
             sample = [records[i] for i in range(min(len(records), 10000))]
-            texts = sorted({t for r in sample for _, t in caption_texts(r)} | set(SYSTEM_PROMPTS.values()))
-            made = {k: os.path.abspath(v) for k, v in toy.make_tiny_frozen(str(out / "frozen"), texts,
-                                                                             seed=args.seed).items()}
+            texts = {t for r in sample for _, t in caption_texts(r)} | set(SYSTEM_PROMPTS.values())
+            made = toy.make_tiny_frozen(str(out / "frozen"), sorted(texts), seed=args.seed)
+            made = {k: os.path.abspath(v) for k, v in made.items()}
             atomic_write(out / "frozen.json", lambda tmp: tmp.write_text(json.dumps(made)))
         d.barrier()
         made = json.loads((out / "frozen.json").read_text())
@@ -262,13 +283,15 @@ def frozen_paths(args, d, out, records, sources):
         if paths[k] and not os.path.isfile(paths[k]):
             raise UsageError(f"--{k}: file not found: {paths[k]}")
     if not os.path.isdir(paths["gemma"]):
-        raise UsageError(f"--gemma: folder not found: {paths['gemma']} (expected the Gemma-2-2B folder)")
+        raise UsageError(f"--gemma: folder not found: {paths['gemma']} (expected the Gemma-2-2B "
+                         "folder)")
     return paths
 
 
 def stats_file(args, d, sources, out):
-    """The latent statistics: --stats; else the copy inside the checkpoint we resume or start from (a stage
-    chain must keep its normalisation), copied to OUT/latent_stats.pt; else None: to be computed there."""
+    """The latent statistics: --stats; else the copy inside the checkpoint we resume or start from
+    (a stage chain must keep its normalisation), copied to OUT/latent_stats.pt; else None: to be
+    computed there."""
     if args.stats:
         return args.stats
     mine = out / "latent_stats.pt"
@@ -283,32 +306,37 @@ def stats_file(args, d, sources, out):
 
 
 def compute_stats(args, d, records, crops, frozen, cache, path):
-    """Per-channel mean/std of the DINOv3 features of the first --stats-images records (as cropped for
-    training), summed over ranks, saved in the official format ({'mean', 'std'}: [1, C]) to `path`."""
+    """Per-channel mean/std of the DINOv3 features of the first --stats-images records
+    (as cropped for training), summed over ranks, saved in the official format
+    ({'mean', 'std'}: [1, C]) to `path`."""
     indices = range(d.rank, min(len(records), args.stats_images), d.world)
-    acc = accumulate_stats(records, indices, crops, frozen.encode_images, cache, args.micro_batch, d.warn)
+    acc = accumulate_stats(records, indices, crops, frozen.encode_images, cache, args.micro_batch,
+                           d.warn)
     # ranks without data still join: the channel count is agreed on first
-    C = int(d.all_reduce(torch.tensor([0 if acc.sum is None else acc.sum.numel()]), op=dist.ReduceOp.MAX))
+    C = int(d.all_reduce(torch.tensor([0 if acc.sum is None else acc.sum.numel()]),
+                         op=dist.ReduceOp.MAX))
     vec = torch.zeros(1 + 2 * C, dtype=torch.float64)
     if acc.sum is not None:
         vec[0], vec[1:1 + C], vec[1 + C:] = float(acc.n), acc.sum, acc.sumsq
     vec = d.all_reduce(vec)
     acc.n, acc.sum, acc.sumsq = int(vec[0]), vec[1:1 + C].clone(), vec[1 + C:].clone()
     if acc.n == 0:
-        raise UsageError(f"cannot compute latent statistics: none of the first {args.stats_images} images could "
-                         "be read (pass --stats FILE)")
+        raise UsageError("cannot compute latent statistics: none of the first "
+                         f"{args.stats_images} images could be read (pass --stats FILE)")
     if d.main:
         atomic_write(path, lambda tmp: torch.save(acc.state(), tmp))
     d.barrier()
 
 
 def open_cache(args, d, records, crops, frozen):
-    """--cache DIR: the DINOv3 latents and Gemma features of every record, computed once (ranks share the
-    work) and then read instead of the images."""
-    meta = {"data": os.path.abspath(records.path), "records": len(records), "resolution": args.resolution,
-            "max_text_len": args.max_text_len, "system_prompt": args.system_prompt,
+    """--cache DIR: the DINOv3 latents and Gemma features of every record, computed once
+    (ranks share the work) and then read instead of the images."""
+    meta = {"data": os.path.abspath(records.path), "records": len(records),
+            "resolution": args.resolution, "max_text_len": args.max_text_len,
+            "system_prompt": args.system_prompt,
             "text_dtype": str(frozen.text_dtype).replace("torch.", ""),
-            "dinov3": frozen.paths["dinov3"] or frozen.paths["autoencoder"], "gemma": frozen.paths["gemma"]}
+            "dinov3": frozen.paths["dinov3"] or frozen.paths["autoencoder"],
+            "gemma": frozen.paths["gemma"]}
     try:
         cache = Cache(args.cache, meta)
     except ValueError as e:
@@ -319,8 +347,10 @@ def open_cache(args, d, records, crops, frozen):
     t0 = time.time()
     for start in range(0, len(missing), args.micro_batch):
         chunk = missing[start:start + args.micro_batch]
-        cache.fill(chunk, records, crops, frozen.encode_images, frozen.encode_texts, args.max_text_len)
-        d.log(f"cache: {start + len(chunk)}/{len(missing)} records of rank {d.rank} ({time.time() - t0:.0f}s)",
+        cache.fill(chunk, records, crops, frozen.encode_images, frozen.encode_texts,
+                   args.max_text_len)
+        d.log(f"cache: {start + len(chunk)}/{len(missing)} records of rank {d.rank} "
+              f"({time.time() - t0:.0f}s)",
               end="\r")
     if d.main and missing:
         print(flush=True)
@@ -334,7 +364,7 @@ def open_cache(args, d, records, crops, frozen):
     return cache.load()
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Checkpoints: written atomically, resumed exactly
 
 
@@ -360,17 +390,19 @@ def set_rng_state(state, device):
 
 
 def save_checkpoint(out, step, model, ema, opt, state, run_info, stats_path, keep):
-    """OUT/ckpt-{step:07d}/ {model,ema}.safetensors (official key names), optimizer.pt, state.pt, run.json,
-    latent_stats.pt, written whole or not at all (svgt2i.atomic_write); then OUT/latest is replaced and all but
-    the last `keep` checkpoints are removed. Rank 0 only."""
+    """OUT/ckpt-{step:07d}/ {model,ema}.safetensors (official key names), optimizer.pt, state.pt,
+    run.json, latent_stats.pt, written whole or not at all (svgt2i.atomic_write); then OUT/latest
+    is replaced and all but the last `keep` checkpoints are removed. Rank 0 only."""
     name = f"ckpt-{step:07d}"
     meta = {"format": "pt", "step": str(step)}
 
     def write(tmp):
         tmp.mkdir()
-        cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+        cpu = {k: v.detach().to("cpu", copy=True).contiguous()
+               for k, v in model.state_dict().items()}
         save_file(cpu, str(tmp / "model.safetensors"), metadata=meta)
-        save_file({k: v.cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"), metadata=meta)
+        save_file({k: v.cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"),
+                  metadata=meta)
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
         torch.save(state, tmp / "state.pt")
         shutil.copyfile(stats_path, tmp / "latent_stats.pt")
@@ -378,15 +410,18 @@ def save_checkpoint(out, step, model, ema, opt, state, run_info, stats_path, kee
     final = atomic_write(out / name, write)
     atomic_write(out / "latest", lambda tmp: tmp.write_text(name + "\n"))
     if keep > 0:
-        for old in sorted(p for p in out.glob("ckpt-*") if p.is_dir() and p != final)[:-keep + 1 or None]:
+        older = sorted(p for p in out.glob("ckpt-*") if p.is_dir() and p != final)
+        for old in older[:-keep + 1 or None]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def resume_folder(arg, out):
-    """--resume [DIR]: 'latest' -> OUT's newest checkpoint; a run folder -> its newest; a checkpoint as is."""
+    """--resume [DIR]: 'latest' -> OUT's newest checkpoint; a run folder -> its newest; a
+    checkpoint as is."""
     if arg == "latest" and not (out / "latest").is_file():
-        raise UsageError(f"--resume: nothing to resume in {out} (no 'latest' file): drop --resume to start a run")
+        raise UsageError(f"--resume: nothing to resume in {out} (no 'latest' file): drop --resume "
+                         "to start a run")
     folder = Path(checkpoint_folder(str(out if arg == "latest" else arg)))
     if not (folder / "state.pt").is_file():
         raise UsageError(f"--resume: {folder} is not a training checkpoint (no state.pt)")
@@ -394,9 +429,9 @@ def resume_folder(arg, out):
 
 
 def init_weights_file(path, prefer_ema):
-    """--init-from: a checkpoint folder of ours (model.safetensors, or ema.safetensors with --init-from-ema), a
-    run folder (its latest checkpoint), an official folder (consolidated[_ema].00-of-01.pth) or a weights
-    file."""
+    """--init-from: a checkpoint folder of ours (model.safetensors, or ema.safetensors with
+    --init-from-ema), a run folder (its latest checkpoint), an official folder
+    (consolidated[_ema].00-of-01.pth) or a weights file."""
     path = Path(path)
     if path.is_file():
         return path
@@ -413,15 +448,16 @@ def init_weights_file(path, prefer_ema):
 
 
 def load_init_weights(model, file, d):
-    """Load what fits: tensors with our names and shapes; mismatched or unknown ones are dropped with a
-    warning (upstream's --init_from: strict=False after dropping mis-shaped keys)."""
+    """Load what fits: tensors with our names and shapes; mismatched or unknown ones are dropped
+    with a warning (upstream's --init_from: strict=False after dropping mis-shaped keys)."""
     sd = nextdit_keymap(read_state_dict(str(file)))
     own = model.state_dict()
     fits = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     if not fits:
-        raise UsageError(f"--init-from {file}: no tensor matches the model (is it a NextDiT checkpoint of this "
-                         "size?)")
-    misshaped = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd if k in own and k not in fits]
+        raise UsageError(f"--init-from {file}: no tensor matches the model (is it a NextDiT "
+                         "checkpoint of this size?)")
+    misshaped = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd
+                 if k in own and k not in fits]
     unknown = [k for k in sd if k not in own]
     missing = [k for k in own if k not in sd]
     for what, keys in (("mis-shaped (dropped)", misshaped), ("unknown (dropped)", unknown),
@@ -434,22 +470,24 @@ def load_init_weights(model, file, d):
 
 
 def resume(folder, model, ema, opt, args, d):
-    """Model, EMA, optimizer and run state from a checkpoint. Returns (step, position, ema updates, this rank's
-    skipped-image count)."""
+    """Model, EMA, optimizer and run state from a checkpoint. Returns
+    (step, position, ema updates, this rank's skipped-image count)."""
     device = d.device
     try:
         model.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(device)))
     except RuntimeError as e:
         raise UsageError(f"--resume {folder}: the checkpoint does not fit --model {args.model} "
-                         f"({str(e).splitlines()[0]}): pass the run's --model/--model-config") from None
+                         f"({str(e).splitlines()[0]}): pass the run's "
+                         "--model/--model-config") from None
     for k, v in load_file(str(folder / "ema.safetensors"), device=str(device)).items():
         ema[k].copy_(v)
-    opt.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
-    for group in opt.param_groups:    # the command line wins (as upstream resets lr and wd on resume)
+    opt.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device,
+                                   weights_only=True))
+    for group in opt.param_groups:    # the command line wins (upstream resets lr and wd on resume)
         group.update(lr=args.lr, weight_decay=args.weight_decay, betas=ADAM_BETAS, eps=ADAM_EPS)
     state = torch.load(folder / "state.pt", weights_only=True)
     skipped = sum(state["skipped"]) if d.main else 0
-    if state["world_size"] == d.world:     # (nothing of the training itself depends on these generators)
+    if state["world_size"] == d.world:    # (nothing of the training itself depends on these)
         set_rng_state(state["rng"][d.rank], device)
         skipped = state["skipped"][d.rank]
     d.log(f"resumed from {folder} at step {state['step']}")
@@ -457,8 +495,9 @@ def resume(folder, model, ema, opt, args, d):
 
 
 def check_replicas(model, d):
-    """All ranks hold bit-identical weights (DDP guarantees it; this proves it at every checkpoint): per-
-    parameter sums of the raw bits (fp32 as int32, summed in int64), so any differing bit shows."""
+    """All ranks hold bit-identical weights (DDP guarantees it; this proves it at every
+    checkpoint): per- parameter sums of the raw bits (fp32 as int32, summed in int64), so any
+    differing bit shows."""
     if d.world == 1:
         return
     fp = torch.stack([p.detach().float().contiguous().view(torch.int32).sum(dtype=torch.int64)
@@ -470,18 +509,19 @@ def check_replicas(model, d):
     d.log(f"replicas identical on {d.world} ranks")
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Progress: loss per t-bin, images/s, MFU, ETA
 
 
 def train_flops(config, n_params, cap_lens, img_lens):
-    """Training FLOPs of one micro-batch (forward + backward, no recomputation): 6 per parameter per token,
-    plus attention, 12 * dim * S^2 per joint layer (the refiners are counted as joint layers: a slight
-    over-count)."""
+    """Training FLOPs of one micro-batch (forward + backward, no recomputation): 6 per parameter
+    per token, plus attention, 12 * dim * S^2 per joint layer
+    (the refiners are counted as joint layers: a slight over-count)."""
     total = 0
     for c, n in zip(cap_lens, img_lens):
         S = c + n
-        total += 6 * n_params * S + 12 * (config.n_layers + config.n_refiner_layers) * config.dim * S * S
+        layers = config.n_layers + config.n_refiner_layers
+        total += 6 * n_params * S + 12 * layers * config.dim * S * S
     return total
 
 
@@ -504,7 +544,8 @@ def fmt_time(s):
 
 
 class Meter:
-    """Sums over a log interval; reduced over ranks when reported (rank 0 prints and appends OUT/log.jsonl)."""
+    """Sums over a log interval; reduced over ranks when reported
+    (rank 0 prints and appends OUT/log.jsonl)."""
 
     def __init__(self, d, args, out):
         self.d, self.args, self.out, self.peak = d, args, out, peak_flops(args)
@@ -531,26 +572,30 @@ class Meter:
         args, d = self.args, self.d
         vec = d.all_reduce(torch.cat([self.bins.flatten(), torch.tensor([self.flops, skipped],
                                                                         dtype=torch.float64)]))
-        bins, flops, skipped = vec[:2 * T_BINS].view(2, T_BINS), vec[-2].item(), int(vec[-1].item())
+        bins = vec[:2 * T_BINS].view(2, T_BINS)
+        flops, skipped = vec[-2].item(), int(vec[-1].item())
         loss = (bins[0].sum() / bins[1].sum()).item()
-        by_bin = [(bins[0, i] / bins[1, i]).item() if bins[1, i] > 0 else None for i in range(T_BINS)]
+        by_bin = [(bins[0, i] / bins[1, i]).item() if bins[1, i] > 0 else None
+                  for i in range(T_BINS)]
         ips = self.images / self.seconds
         mfu = flops / self.seconds / (self.peak * d.world) if self.peak else None
         eta = (args.steps - step) * self.seconds / self.steps
-        rec = {"step": step, "loss": loss, "loss_by_t": by_bin, "grad_norm": self.grad_norm / self.steps,
-               "images_per_s": ips, "mfu": mfu, "lr": args.lr, "skipped": skipped,
-               "bad_steps": self.bad_steps, "elapsed_s": time.time() - self.t_start}
+        rec = {"step": step, "loss": loss, "loss_by_t": by_bin,
+               "grad_norm": self.grad_norm / self.steps, "images_per_s": ips, "mfu": mfu,
+               "lr": args.lr, "skipped": skipped, "bad_steps": self.bad_steps,
+               "elapsed_s": time.time() - self.t_start}
         if d.main:
             bins_txt = " ".join("-" if v is None else f"{v:.3f}" for v in by_bin)
-            d.log(f"step {step}/{args.steps} ({100 * step / args.steps:.1f}%) loss {loss:.4f} | by t {bins_txt} | "
-                  f"grad {rec['grad_norm']:.3f} | {ips:.1f} img/s | MFU "
-                  f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | skipped {skipped} | eta {fmt_time(eta)}")
+            d.log(f"step {step}/{args.steps} ({100 * step / args.steps:.1f}%) loss {loss:.4f} | "
+                  f"by t {bins_txt} | grad {rec['grad_norm']:.3f} | {ips:.1f} img/s | MFU "
+                  f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | skipped {skipped} | eta "
+                  f"{fmt_time(eta)}")
             with open(self.out / "log.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
         self.reset()
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Arguments
 
 
@@ -564,80 +609,118 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train SVG-T2I's NextDiT (flow matching in DINOv3 latent space).",
+    p = argparse.ArgumentParser(description="Train SVG-T2I's NextDiT (flow matching in DINOv3 "
+                                            "latent space).",
                                 formatter_class=HelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--stage", type=int, default=1, help="1-4: a Table 4 preset (resolution, batch, steps, text "
+    g.add_argument("--stage", type=int, default=1,
+                   help="1-4: a Table 4 preset (resolution, batch, steps, text "
                    "length, caption ratios); any preset value can be overridden below")
     g.add_argument("--model", default="2b", help="NextDiT preset: " + ", ".join(PRESETS))
-    g.add_argument("--model-config", default=None, help="JSON object of NextDiTConfig overrides, e.g. "
-                   "'{\"n_layers\": 8}' (in_channels and cap_feat_dim always follow the frozen encoders)")
-    g.add_argument("--data", default=None, help=".jsonl file of {\"path\", \"prompt\"} records (required)")
-    g.add_argument("--out", default=None, help="output folder: checkpoints, logs, statistics (required)")
+    g.add_argument("--model-config", default=None,
+                   help="JSON object of NextDiTConfig overrides, e.g. "
+                   "'{\"n_layers\": 8}' (in_channels and cap_feat_dim always follow the frozen "
+                   "encoders)")
+    g.add_argument("--data", default=None,
+                   help=".jsonl file of {\"path\", \"prompt\"} records (required)")
+    g.add_argument("--out", default=None,
+                   help="output folder: checkpoints, logs, statistics (required)")
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
-                   help="continue exactly: from OUT's latest checkpoint, or from the given run/checkpoint folder")
-    g.add_argument("--init-from", default=None, metavar="DIR", help="start from these weights (the previous "
-                   "stage's run or checkpoint folder, or an official consolidated .pth); mismatched shapes are "
-                   "dropped with a warning; frozen parts and statistics default to that run's")
-    g.add_argument("--init-from-ema", action="store_true", help="with --init-from: take the EMA weights")
-    g.add_argument("--seed", type=int, default=0, help="model init; data order, captions, t and noise per sample")
-    g = p.add_argument_group("stage preset overrides (default: the --stage preset; --model tiny halves the "
-                             "resolution and uses global batch 16, 100 steps)")
-    g.add_argument("--resolution", type=int, default=None, help="anchor resolution: crops of about resolution^2 px")
+                   help="continue exactly: from OUT's latest checkpoint, or from the given "
+                        "run/checkpoint folder")
+    g.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from these weights (the previous "
+                   "stage's run or checkpoint folder, or an official consolidated .pth); "
+                   "mismatched shapes are dropped with a warning; frozen parts and statistics "
+                   "default to that run's")
+    g.add_argument("--init-from-ema", action="store_true",
+                   help="with --init-from: take the EMA weights")
+    g.add_argument("--seed", type=int, default=0,
+                   help="model init; data order, captions, t and noise per sample")
+    g = p.add_argument_group("stage preset overrides (default: the --stage preset; --model tiny "
+                             "halves the resolution and uses global batch 16, 100 steps)")
+    g.add_argument("--resolution", type=int, default=None,
+                   help="anchor resolution: crops of about resolution^2 px")
     g.add_argument("--steps", type=int, default=None, help="total optimizer steps of this stage")
-    g.add_argument("--global-batch", type=int, default=None, help="images per optimizer step, all ranks together")
-    g.add_argument("--max-text-len", type=int, default=None, help="Gemma tokens per caption (multiple of 8)")
-    g.add_argument("--caption-ratios", default=None, help="short,middle,long caption sampling ratios")
+    g.add_argument("--global-batch", type=int, default=None,
+                   help="images per optimizer step, all ranks together")
+    g.add_argument("--max-text-len", type=int, default=None,
+                   help="Gemma tokens per caption (multiple of 8)")
+    g.add_argument("--caption-ratios", default=None,
+                   help="short,middle,long caption sampling ratios")
     g = p.add_argument_group("recipe")
     g.add_argument("--micro-batch", type=int, default=None,
-                   help="images per forward pass per rank (default: the whole local batch); the global batch is "
+                   help="images per forward pass per rank (default: the whole local batch); the "
+                        "global batch is "
                    "micro-batch x accumulation steps x world size")
     g.add_argument("--lr", type=float, default=None,
                    help="AdamW learning rate, constant (default 2e-4; --model toy: 1e-3)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--grad-clip", type=float, default=2.0, help="max global gradient norm")
     g.add_argument("--ema-decay", type=float, default=None,
-                   help="EMA decay (default 0.9999; --model toy: 0.999; the official trainer: 0.95)")
+                   help="EMA decay (default 0.9999; --model toy: 0.999; the official trainer: "
+                        "0.95)")
     g.add_argument("--no-ema-warmup", dest="ema_warmup", action="store_false",
-                   help="use --ema-decay from the first update (default: min(decay, (1 + n) / (10 + n)))")
-    g.add_argument("--caption-dropout", type=float, default=0.1, help="probability of the empty caption (for CFG)")
-    g.add_argument("--zh-ratio", type=float, default=0.2, help="probability of the Chinese caption when present")
-    g.add_argument("--system-prompt", default="base", help="for records without one: " + ", ".join(SYSTEM_PROMPTS)
+                   help="use --ema-decay from the first update (default: min(decay, (1 + n) / (10 "
+                        "+ n)))")
+    g.add_argument("--caption-dropout", type=float, default=0.1,
+                   help="probability of the empty caption (for CFG)")
+    g.add_argument("--zh-ratio", type=float, default=0.2,
+                   help="probability of the Chinese caption when present")
+    g.add_argument("--system-prompt", default="base",
+                   help="for records without one: " + ", ".join(SYSTEM_PROMPTS)
                    + ", or a literal")
     g = p.add_argument_group("frozen parts")
-    g.add_argument("--autoencoder", default=None, help="SVG autoencoder checkpoint (its decoder is what sample.py "
+    g.add_argument("--autoencoder", default=None,
+                   help="SVG autoencoder checkpoint (its decoder is what sample.py "
                    "needs; its encoder.* keys, if any, are DINOv3)")
     g.add_argument("--dinov3", default=None, help="DINOv3 ViT-S/16+ weights "
                    "(dinov3_vits16plus_pretrain_lvd1689m-*.pth)")
-    g.add_argument("--gemma", default=None, help="Gemma-2-2B folder (config.json, safetensors, tokenizer.model)")
-    g.add_argument("--stats", default=None, help="latent statistics (dinov3_s16p_layer_patchtoken_stats_dist.pt); "
+    g.add_argument("--gemma", default=None,
+                   help="Gemma-2-2B folder (config.json, safetensors, tokenizer.model)")
+    g.add_argument("--stats", default=None,
+                   help="latent statistics (dinov3_s16p_layer_patchtoken_stats_dist.pt); "
                    "default: computed from the data into OUT/latent_stats.pt")
-    g.add_argument("--stats-images", type=int, default=10000, help="images used to compute the statistics")
-    g.add_argument("--cache", default=None, metavar="DIR", help="precompute DINOv3 latents and Gemma features of "
+    g.add_argument("--stats-images", type=int, default=10000,
+                   help="images used to compute the statistics")
+    g.add_argument("--cache", default=None, metavar="DIR",
+                   help="precompute DINOv3 latents and Gemma features of "
                    "the whole data set into DIR (once), then train from it")
     g = p.add_argument_group("system")
-    g.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda")
+    g.add_argument("--device", default="auto",
+                   help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="DiT autocast (master weights stay fp32); auto: bf16 on GPU, fp32 on CPU")
     g.add_argument("--text-dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="Gemma dtype; auto: bf16 on GPU (as upstream), fp32 on CPU")
     g.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="activation checkpointing of the joint blocks (default: on, off for --model tiny)")
-    g.add_argument("--workers", type=int, default=None, help="data loader processes per rank (default: up to 4; "
+                   help="activation checkpointing of the joint blocks (default: on, off for "
+                        "--model tiny)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="data loader processes per rank (default: up to 4; "
                    "0 for --model tiny)")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads per rank for torch (default: torch's "
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per rank for torch (default: torch's "
                    "choice; 1 for --model tiny)")
-    g.add_argument("--save-every", type=int, default=None, help="checkpoint interval in steps (default 2000, "
+    g.add_argument("--save-every", type=int, default=None,
+                   help="checkpoint interval in steps (default 2000, "
                    "tiny 50)")
     g.add_argument("--keep", type=int, default=3, help="checkpoints to keep (0: all)")
-    g.add_argument("--log-every", type=int, default=None, help="log interval in steps (default 10)")
-    g.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for the MFU estimate "
+    g.add_argument("--log-every", type=int, default=None,
+                   help="log interval in steps (default 10)")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="accelerator peak for the MFU estimate "
                    "(default: known GPUs' dense bf16 peak)")
-    g = p.add_argument_group("toy model (python train.py --toy: data, frozen parts, decoder, DiT, bundle)")
-    g.add_argument("--toy", action="store_true", help="train the toy SVG-T2I on the shapes world (toy.py) on a CPU")
-    g.add_argument("--toy-images", type=int, default=6000, help="training images of the shapes world")
-    g.add_argument("--toy-decoder-steps", type=int, default=2000, help="decoder reconstruction steps (batch 16)")
-    g.add_argument("--bundle", default=None, help="where --toy writes the finished model (default: assets/toy, "
+    g = p.add_argument_group("toy model (python train.py --toy: data, frozen parts, decoder, DiT, "
+                             "bundle)")
+    g.add_argument("--toy", action="store_true",
+                   help="train the toy SVG-T2I on the shapes world (toy.py) on a CPU")
+    g.add_argument("--toy-images", type=int, default=6000,
+                   help="training images of the shapes world")
+    g.add_argument("--toy-decoder-steps", type=int, default=2000,
+                   help="decoder reconstruction steps (batch 16)")
+    g.add_argument("--bundle", default=None,
+                   help="where --toy writes the finished model (default: assets/toy, "
                    "the folder sample.py --toy reads)")
     return p.parse_args(argv)
 
@@ -645,7 +728,8 @@ def parse_args(argv=None):
 def finish_args(args):
     """Fill the stage preset, check the values, make paths absolute."""
     if not args.data or not args.out:
-        raise UsageError("--data FILE.jsonl and --out DIR are required (or --toy for the toy model)")
+        raise UsageError("--data FILE.jsonl and --out DIR are required (or --toy for the toy "
+                         "model)")
     if args.stage not in STAGES:
         raise UsageError(f"--stage {args.stage}: choose 1, 2, 3 or 4 (Table 4)")
     if args.model not in PRESETS:
@@ -663,13 +747,15 @@ def finish_args(args):
             args.caption_ratios = tuple(float(x) for x in args.caption_ratios.split(","))
         except ValueError:
             args.caption_ratios = ()
-    if len(args.caption_ratios) != 3 or min(args.caption_ratios) < 0 or sum(args.caption_ratios) <= 0:
-        raise UsageError("--caption-ratios: three non-negative numbers short,middle,long, e.g. 0.1,0.35,0.55")
+    ratios = args.caption_ratios
+    if len(ratios) != 3 or min(ratios) < 0 or sum(ratios) <= 0:
+        raise UsageError("--caption-ratios: three non-negative numbers short,middle,long, e.g. "
+                         "0.1,0.35,0.55")
     if args.resolution < 32 or args.resolution % 16:
         raise UsageError(f"--resolution {args.resolution}: use a multiple of 16 (256, 512, 1024)")
     if args.max_text_len < 8 or args.max_text_len % 8 or args.max_text_len > 592:
-        raise UsageError(f"--max-text-len {args.max_text_len}: use a multiple of 8 up to 592 (the DiT's RoPE "
-                         "covers 600 caption positions)")
+        raise UsageError(f"--max-text-len {args.max_text_len}: use a multiple of 8 up to 592 (the "
+                         "DiT's RoPE covers 600 caption positions)")
     for name in ("steps", "global_batch", "stats_images", "save_every", "log_every"):
         if getattr(args, name) < (0 if name == "steps" else 1):
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
@@ -684,7 +770,8 @@ def finish_args(args):
         except json.JSONDecodeError:
             args.model_config = None
         if not isinstance(args.model_config, dict):
-            raise UsageError("--model-config: a JSON object of NextDiTConfig fields, e.g. '{\"n_layers\": 8}'")
+            raise UsageError("--model-config: a JSON object of NextDiTConfig fields, e.g. "
+                             "'{\"n_layers\": 8}'")
     for name in ("data", "out", "autoencoder", "dinov3", "gemma", "stats", "cache", "init_from"):
         if getattr(args, name):
             setattr(args, name, os.path.abspath(getattr(args, name)))
@@ -699,26 +786,27 @@ def build_config(args, latent_channels, text_dim):
     if bad:
         raise UsageError(f"--model-config: unknown NextDiTConfig fields {bad}")
     try:
-        return dataclasses.replace(NextDiTConfig.from_name(args.model), **over, in_channels=latent_channels,
-                                   cap_feat_dim=text_dim)
+        return dataclasses.replace(NextDiTConfig.from_name(args.model), **over,
+                                   in_channels=latent_channels, cap_feat_dim=text_dim)
     except (TypeError, ValueError) as e:
         raise UsageError(f"--model-config: {e}") from None
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Training
 
 
 def prepare_batch(items, frozen, stats, cache, max_text_len, device, text_dtype):
-    """Micro-batch items -> normalised latents x1 (list of [C, h_i, w_i], fp32), caption features [B, L, D],
-    caption mask [B, L]."""
+    """Micro-batch items -> normalised latents x1 (list of [C, h_i, w_i], fp32), caption features
+    [B, L, D], caption mask [B, L]."""
     if cache is None:
         raw = frozen.encode_images([it["image"] for it in items])
         feats, mask = frozen.encode_texts([it["text"] for it in items], max_text_len)
     else:
         raw = [it["latent"].to(device) for it in items]
         L = max(it["text_feats"].shape[0] for it in items)
-        feats = torch.zeros(len(items), L, items[0]["text_feats"].shape[1], dtype=text_dtype, device=device)
+        feats = torch.zeros(len(items), L, items[0]["text_feats"].shape[1], dtype=text_dtype,
+                            device=device)
         mask = torch.zeros(len(items), L, dtype=torch.bool, device=device)
         for b, it in enumerate(items):
             n = it["text_feats"].shape[0]
@@ -728,7 +816,8 @@ def prepare_batch(items, frozen, stats, cache, max_text_len, device, text_dtype)
 
 
 def draw_t_and_noise(items, x1, shift_len, device):
-    """Each sample's t [B] (logit-normal, shifted by the resolution) and noise (like x1), from its own seed."""
+    """Each sample's t [B] (logit-normal, shifted by the resolution) and noise (like x1), from
+    its own seed."""
     t, noise = [], []
     for it, x in zip(items, x1):
         g = torch.Generator().manual_seed(it["noise_seed"])
@@ -745,8 +834,8 @@ def update_ema(ema, model, decay):
 
 @contextlib.contextmanager
 def stop_on_signals():
-    """SIGTERM (sent by schedulers before preemption, forwarded by torchrun) or SIGUSR1: finish the step, save,
-    stop. Yields a dict whose "signal" is set when one arrived."""
+    """SIGTERM (sent by schedulers before preemption, forwarded by torchrun) or SIGUSR1: finish the
+    step, save, stop. Yields a dict whose "signal" is set when one arrived."""
     stop, old = {"signal": None}, {}
     if threading.current_thread() is threading.main_thread():
         old = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
@@ -759,8 +848,8 @@ def stop_on_signals():
 
 
 def open_run(args, d):
-    """OUT/ (stale temporary files of a killed run removed), the checkpoint to resume, the weights to start
-    from."""
+    """OUT/ (stale temporary files of a killed run removed), the checkpoint to resume, the weights
+    to start from."""
     out = Path(args.out)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -768,10 +857,12 @@ def open_run(args, d):
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     d.barrier()
     if args.resume is None and (out / "latest").is_file():
-        raise UsageError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+        raise UsageError(f"{out} already holds a run: pass --resume to continue it, or choose "
+                         "another --out")
     d.log_file = out / "log.txt"
     resume_dir = resume_folder(args.resume, out) if args.resume else None
-    init_file = init_weights_file(args.init_from, args.init_from_ema) if args.init_from and not resume_dir \
+    init_file = init_weights_file(args.init_from,
+                                  args.init_from_ema) if args.init_from and not resume_dir \
         else None
     return out, resume_dir, init_file
 
@@ -788,33 +879,37 @@ def train(args):
                                                                   else args.text_dtype]
     local = args.global_batch // d.world
     if args.global_batch % d.world:
-        raise UsageError(f"--global-batch {args.global_batch} is not divisible by the world size {d.world}")
+        raise UsageError(f"--global-batch {args.global_batch} is not divisible by the world size "
+                         f"{d.world}")
     args.micro_batch = args.micro_batch or local
     if args.micro_batch < 1 or local % args.micro_batch:
-        raise UsageError(f"--global-batch {args.global_batch} = {d.world} ranks x {local}, and {local} is not a "
-                         f"multiple of --micro-batch {args.micro_batch}")
+        raise UsageError(f"--global-batch {args.global_batch} = {d.world} ranks x {local}, and "
+                         f"{local} is not a multiple of --micro-batch {args.micro_batch}")
     accum = local // args.micro_batch
     out, resume_dir, init_file = open_run(args, d)
 
     # Frozen parts: given, else from the run we continue or start from, else (tiny) made here
     records = Records(args.data, default_system=args.system_prompt)
     crops = crops_for(args.resolution)
-    sources = [str(resume_dir) if resume_dir else None, str(init_file.parent) if init_file else None]
+    sources = [str(resume_dir) if resume_dir else None,
+               str(init_file.parent) if init_file else None]
     paths = frozen_paths(args, d, out, records, sources)
     frozen = Frozen(paths, device, text_dtype)
     cache = open_cache(args, d, records, crops, frozen) if args.cache else None
-    stats_path = paths["stats"] or str(out / "latent_stats.pt")
     if not paths["stats"]:
-        d.log(f"latent statistics: computing from {min(len(records), args.stats_images)} images into "
-              f"{stats_path}")
-        compute_stats(args, d, records, crops, frozen, cache, stats_path)
+        paths["stats"] = str(out / "latent_stats.pt")
+        d.log(f"latent statistics: computing from {min(len(records), args.stats_images)} images "
+              f"into {paths['stats']}")
+        compute_stats(args, d, records, crops, frozen, cache, paths["stats"])
+    stats_path = paths["stats"]
     d.log(f"latent statistics: {stats_path}")
     latent_channels, text_dim = frozen.widths(cache)
     stats = load_latent_stats(stats_path, channels=latent_channels)
     if cache is not None:
         frozen.free()
     if not paths["autoencoder"]:
-        d.log("note: no --autoencoder: sampling from these checkpoints will need --autoencoder (the decoder)")
+        d.log("note: no --autoencoder: sampling from these checkpoints will need --autoencoder "
+              "(the decoder)")
 
     # Model, EMA, optimiser: the same init on every rank (and DDP broadcasts rank 0's anyway)
     config = build_config(args, latent_channels, text_dim)
@@ -822,43 +917,47 @@ def train(args):
     with torch.device(device):
         model = NextDiT(config)
     model.grad_checkpointing = args.checkpointing
-    # `norm_final` is in every checkpoint but unused by forward: frozen, or DDP waits for its gradient forever
+    # `norm_final` is in every checkpoint but unused by forward: frozen, or DDP waits for its
+    # gradient forever
     model.norm_final.requires_grad_(False)
     if init_file is not None:
         load_init_weights(model, init_file, d)
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
+                            weight_decay=args.weight_decay, fused=device.type == "cuda")
     ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
 
     # Resume
-    step, position, ema_updates, skipped = 0, 0, 0, 0     # skipped: this rank's count of unreadable images
+    step, position, ema_updates, skipped = 0, 0, 0, 0   # skipped: this rank's unreadable images
     if resume_dir is not None:
         step, position, ema_updates, skipped = resume(resume_dir, model, ema, opt, args, d)
     ddp = model if d.world == 1 else torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
-    run_info = {"frozen": {k: paths[k] for k in ("autoencoder", "dinov3", "gemma")} | {"stats": stats_path},
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        gradient_as_bucket_view=True)
+    run_info = {"frozen": {k: paths[k] for k in ("autoencoder", "dinov3", "gemma", "stats")},
                 "resolution": args.resolution, "stage": args.stage,
                 "model": {"preset": args.model, "config": dataclasses.asdict(config)},
-                "args": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}}
+                "args": {k: (str(v) if isinstance(v, torch.device) else v)
+                         for k, v in vars(args).items()}}
 
     # Data: this rank's slice of the global positions still to come
-    sampler = Positions(len(records), args.seed, args.resolution, position, max(0, args.steps - step),
-                        args.global_batch, d.rank, d.world)
-    dataset = TrainSet(records, crops, args.seed, args.resolution, args.caption_dropout, args.caption_ratios,
-                       args.zh_ratio, cache)
-    batches = iter(torch.utils.data.DataLoader(dataset, batch_size=args.micro_batch, sampler=sampler,
-                                               num_workers=args.workers, collate_fn=collate,
+    sampler = Positions(len(records), args.seed, args.resolution, position,
+                        max(0, args.steps - step), args.global_batch, d.rank, d.world)
+    dataset = TrainSet(records, crops, args.seed, args.resolution, args.caption_dropout,
+                       args.caption_ratios, args.zh_ratio, cache)
+    batches = iter(torch.utils.data.DataLoader(dataset, batch_size=args.micro_batch,
+                                               sampler=sampler, num_workers=args.workers,
+                                               collate_fn=collate,
                                                prefetch_factor=4 if args.workers else None))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    shift_len = (args.resolution // 16) ** 2       # the time shift follows the anchor resolution's token count
-    d.log(f"NextDiT {args.model}: {n_params / 1e6:.2f}M trainable parameters, {config.in_channels} latent "
-          f"channels, caption width {config.cap_feat_dim}")
+    shift_len = (args.resolution // 16) ** 2    # the time shift follows the anchor's token count
+    d.log(f"NextDiT {args.model}: {n_params / 1e6:.2f}M trainable parameters, "
+          f"{config.in_channels} latent channels, caption width {config.cap_feat_dim}")
     d.log(f"stage {args.stage}: {args.resolution}px ({len(crops)} crop sizes), shift "
-          f"{training_shift(shift_len):.3f}, {args.steps} steps, global batch {args.global_batch} = {d.world} "
-          f"ranks x {accum} x micro {args.micro_batch}, max text {args.max_text_len} tokens, {precision}, "
-          f"{len(records)} records")
+          f"{training_shift(shift_len):.3f}, {args.steps} steps, global batch {args.global_batch} "
+          f"= {d.world} ranks x {accum} x micro {args.micro_batch}, max text {args.max_text_len} "
+          f"tokens, {precision}, {len(records)} records")
 
     # Loop
     meter, warned = Meter(d, args, out), set()
@@ -869,23 +968,24 @@ def train(args):
             for k in range(accum):
                 items = next(batches)
                 skipped += warn_skipped(items, records, warned, d)
-                x1, cap_feats, cap_mask = prepare_batch(items, frozen, stats, cache, args.max_text_len, device,
-                                                        text_dtype)
+                x1, cap_feats, cap_mask = prepare_batch(items, frozen, stats, cache,
+                                                        args.max_text_len, device, text_dtype)
                 t, noise = draw_t_and_noise(items, x1, shift_len, device)
                 sync = ddp.no_sync() if d.world > 1 and k < accum - 1 else contextlib.nullcontext()
                 with sync:
                     with autocast:
-                        losses = flow_matching_loss(ddp, x1, noise, t, cap_feats, cap_mask)     # [B]
-                    (losses.sum() / local).backward()       # the mean over the global batch, once all-reduced
+                        losses = flow_matching_loss(ddp, x1, noise, t, cap_feats, cap_mask)  # [B]
+                    (losses.sum() / local).backward()   # all-reduced: the global batch's mean
                 meter.add_losses(losses.detach(), t)
-                meter.flops += train_flops(config, n_params, cap_mask.sum(1).tolist(), [x[0].numel() for x in x1])
+                meter.flops += train_flops(config, n_params, cap_mask.sum(1).tolist(),
+                                           [x[0].numel() for x in x1])
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             if torch.isfinite(grad_norm):
                 opt.step()
                 warm = (1 + ema_updates) / (10 + ema_updates) if args.ema_warmup else 1.0
                 update_ema(ema, model, min(args.ema_decay, warm))
                 ema_updates += 1
-            else:   # identical on every rank (the gradients are all-reduced), so every rank skips it
+            else:   # the same on every rank (the gradients are all-reduced): every rank skips it
                 d.log(f"warning: step {step + 1}: non-finite gradient norm, update skipped")
                 meter.bad_steps += 1
             step += 1
@@ -899,23 +999,26 @@ def train(args):
                 check_replicas(model, d)
                 per_rank = d.gather((rng_state(device), skipped))
                 if d.main:
-                    state = {"step": step, "position": position, "ema_updates": ema_updates, "world_size": d.world,
-                             "rng": [r for r, _ in per_rank], "skipped": [n for _, n in per_rank],
-                             "seed": args.seed, "resolution": args.resolution}
-                    folder = save_checkpoint(out, step, model, ema, opt, state, run_info, stats_path, args.keep)
+                    state = {"step": step, "position": position, "ema_updates": ema_updates,
+                             "world_size": d.world, "rng": [r for r, _ in per_rank],
+                             "skipped": [n for _, n in per_rank], "seed": args.seed,
+                             "resolution": args.resolution}
+                    folder = save_checkpoint(out, step, model, ema, opt, state, run_info,
+                                             stats_path, args.keep)
                     d.log(f"saved {folder}")
                 d.barrier()
             if stopping:
                 d.log(f"stopped by signal {stop['signal']} at step {step}: continue with --resume")
                 break
     if step >= args.steps:
-        d.log(f"done: step {step}/{args.steps} ({fmt_time(time.time() - meter.t_start)} in this process); "
-              f"checkpoints in {out}")
+        d.log(f"done: step {step}/{args.steps} ({fmt_time(time.time() - meter.t_start)} in this "
+              f"process); checkpoints in {out}")
     return out
 
 
 def warn_skipped(items, records, warned, d):
-    """Warn once per unreadable record the dataset skipped; returns how many skips the items carry."""
+    """Warn once per unreadable record the dataset skipped; returns how many skips the
+    items carry."""
     n = 0
     for it in items:
         for i, reason in it["skipped"]:
@@ -926,28 +1029,32 @@ def warn_skipped(items, records, warned, d):
     return n
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # The toy model: toy.py prepares its data and frozen parts, then the loop above trains its DiT
 
 
 def train_toy(args):
-    """python train.py --toy: the whole toy SVG-T2I, end to end, on a CPU: toy.prepare (the shapes world's
-    images and captions, tiny frozen parts, the decoder trained on reconstruction), then train() on --model
-    toy (latent statistics computed from the data, features cached), then the bundle sample.py --toy reads."""
+    """python train.py --toy: the whole toy SVG-T2I, end to end, on a CPU: toy.prepare
+    (the shapes world's images and captions, tiny frozen parts, the decoder trained on
+    reconstruction), then train() on --model toy (latent statistics computed from the data,
+    features cached), then the bundle sample.py --toy reads."""
     import toy
     t_start = time.time()
     work = Path(os.path.abspath(args.out or "runs/toy"))
     if (work / "dit" / "latest").is_file() and not args.resume:
-        raise UsageError(f"{work} already holds a toy run: pass --resume to continue it, or choose another --out")
+        raise UsageError(f"{work} already holds a toy run: pass --resume to continue it, or "
+                         "choose another --out")
     work.mkdir(parents=True, exist_ok=True)
     d = Dist(log_file=work / "log.txt")
     torch.set_num_threads(args.threads or torch.get_num_threads())
     made = toy.prepare(work, args.toy_images, args.toy_decoder_steps, args.seed, d.log)
-    # the DiT stage is an ordinary run of --model toy (its recipe: TOY_STAGE); flags a user set override it
+    # the DiT stage is an ordinary run of --model toy (its recipe: TOY_STAGE); flags a user
+    # set override it
     argv = ["--model", "toy", "--data", made["data"], "--out", str(work / "dit"), "--autoencoder",
             made["autoencoder"], "--gemma", made["gemma"], "--system-prompt", "empty", "--cache",
-            str(work / "cache"), "--seed", str(args.seed), "--threads", str(torch.get_num_threads()),
-            "--precision", "fp32", "--text-dtype", "fp32", "--keep", "2"]
+            str(work / "cache"), "--seed", str(args.seed), "--threads",
+            str(torch.get_num_threads()), "--precision", "fp32", "--text-dtype", "fp32", "--keep",
+            "2"]
     for name in ("global_batch", "steps", "lr", "ema_decay"):
         if getattr(args, name) is not None:
             argv += ["--" + name.replace("_", "-"), str(getattr(args, name))]
@@ -957,7 +1064,8 @@ def train_toy(args):
     bundle = os.path.abspath(args.bundle or toy.BUNDLE)
     toy.write_bundle(bundle, work / "dit", made)
     d.log(f"toy model written to {bundle} ({fmt_time(time.time() - t_start)} in all)")
-    d.log(f"score it: python sample.py {'--toy' if bundle == toy.BUNDLE else '--ckpt ' + bundle} --score")
+    d.log(f"score it: python sample.py {'--toy' if bundle == toy.BUNDLE else '--ckpt ' + bundle} "
+          "--score")
 
 
 def main(argv=None):
@@ -968,7 +1076,8 @@ def main(argv=None):
         else:
             train(finish_args(args))
     except (UsageError, ValueError, FileNotFoundError) as e:
-        prefix = f"[rank {os.environ.get('RANK')}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        prefix = f"[rank {os.environ.get('RANK')}] " if world > 1 else ""
         print(f"{prefix}train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
