@@ -416,7 +416,8 @@ class Cache:
                 record = records[i]
                 images.append(load_image(record["path"], crops))
             except Exception as e:
-                atomic_write(self.file(i, ".bad"), lambda tmp: tmp.write_text(describe(e)))
+                reason = describe(e)
+                atomic_write(self.file(i, ".bad"), lambda tmp: tmp.write_text(reason))
                 continue
             texts.append([(self.text_key(c), t) for c, t in caption_texts(record)])
             good.append(i)

@@ -498,7 +498,7 @@ class NextDiT(nn.Module):
                              f"{tuple(t.shape)}")
         if not torch.is_autocast_enabled(ctx.cap.device.type):
             imgs = [i.to(self.x_embedder.weight.dtype) for i in imgs]
-        dtype = imgs[0].dtype   # the joint stream's: the latents' (fp32 under autocast, as upstream)
+        dtype = imgs[0].dtype   # the joint stream's: the latents' (fp32 under autocast: upstream)
         lens = [(c, h * w) for c, (h, w) in zip(ctx.cap_lens, ctx.grids)]
 
         t_emb = self.t_embedder(t)                                                  # [B, t_dim]

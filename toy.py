@@ -429,8 +429,7 @@ def wrong_caption(scene, category, rng):
 
 
 # -------------------------------------------------------------------------------------------------
-# preparing the toy SVG-T2I (python train.py --toy runs these, then its ordinary DiT loop,
-# then write_bundle)
+# preparing and training the toy SVG-T2I: python train.py --toy runs train() below
 #
 # Every part is the real code path with tiny sizes: a random DINOv3
 # (a stand-in for the pretrained one: with its LayerScale at the official 1e-5 init, its features
@@ -581,6 +580,42 @@ def write_bundle(bundle, run_dir, frozen):
                 "trained": {"step": run.get("step"), "note": "python train.py --toy"}}
         (tmp / "run.json").write_text(json.dumps(info, indent=2) + "\n")
     return atomic_write(bundle, write)
+
+
+def train(args):
+    """python train.py --toy: the whole toy SVG-T2I, end to end, on a CPU: prepare() (the shapes
+    world's images and captions, tiny frozen parts, the decoder trained on reconstruction), then
+    train.py's own loop on --model toy (its recipe: train.TOY_STAGE; latent statistics computed
+    from the data, features cached), then the bundle sample.py --toy reads. `args` are train.py's;
+    the flags a user set override the recipe."""
+    import torch
+
+    import train as trainer
+
+    t_start = time.time()
+    work = Path(os.path.abspath(args.out or "runs/toy"))
+    if (work / "dit" / "latest").is_file() and not args.resume:
+        raise trainer.UsageError(f"{work} already holds a toy run: pass --resume to continue it, "
+                                 "or choose another --out")
+    work.mkdir(parents=True, exist_ok=True)
+    log = trainer.Dist(log_file=work / "log.txt").log
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    made = prepare(work, args.toy_images, args.toy_decoder_steps, args.seed, log)
+    argv = ["--model", "toy", "--data", made["data"], "--out", str(work / "dit"),
+            "--autoencoder", made["autoencoder"], "--gemma", made["gemma"], "--system-prompt",
+            "empty", "--cache", str(work / "cache"), "--seed", str(args.seed), "--threads",
+            str(torch.get_num_threads()), "--precision", "fp32", "--text-dtype", "fp32",
+            "--keep", "2"]
+    for name in ("global_batch", "steps", "lr", "ema_decay"):
+        if getattr(args, name) is not None:
+            argv += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    if (work / "dit" / "latest").is_file():
+        argv.append("--resume")
+    trainer.train(trainer.finish_args(trainer.parse_args(argv)))
+    bundle = os.path.abspath(args.bundle or BUNDLE)
+    write_bundle(bundle, work / "dit", made)
+    log(f"toy model written to {bundle} ({trainer.fmt_time(time.time() - t_start)} in all)")
+    log(f"score it: python sample.py {'--toy' if bundle == BUNDLE else '--ckpt ' + bundle} --score")
 
 
 # -------------------------------------------------------------------------------------------------

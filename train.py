@@ -54,30 +54,24 @@ import contextlib
 import dataclasses
 import json
 import os
-import random
 import shutil
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from data import (Cache, Positions, Records, TrainSet, accumulate_stats, caption_texts, collate,
-                  crops_for)
+from data import Cache, Positions, Records, TrainSet, caption_texts, collate, crops_for
 from nextdit import PRESETS, NextDiT, NextDiTConfig, nextdit_keymap
+from runs import (Dist, HelpFormatter, UsageError, check_replicas, compute_stats, fmt_time,
+                  open_run, resume_folder, rng_state, save_checkpoint, set_rng_state,
+                  stop_on_signals)
 from svgt2i import (SYSTEM_PROMPTS, Autoencoder, TextEncoder, atomic_write, checkpoint_folder,
                     flow_matching_loss, load_autoencoder, load_dinov3, load_gemma2,
                     load_latent_stats, load_tokenizer, read_state_dict, sample_training_t,
                     training_shift)
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
 
 
 # -------------------------------------------------------------------------------------------------
@@ -111,74 +105,6 @@ ADAM_BETAS, ADAM_EPS = (0.9, 0.95), 1e-15  # upstream's AdamW; a constant lr (no
 T_BINS = 10                                # loss is logged per t-bin: [0, 0.1), ..., [0.9, 1]
 PEAK_TFLOPS = {"H200": 989, "H100": 989, "H800": 989, "H20": 148, "A100": 312, "A800": 312,
                "L40S": 362, "B200": 2250, "GB200": 2500}  # dense bf16, for the MFU estimate
-
-
-# -------------------------------------------------------------------------------------------------
-# This process's place in the run: rank, world, device, the collectives, and logging
-
-
-@dataclasses.dataclass
-class Dist:
-    """Rank and world size (from torchrun's environment), the device, and rank-aware logging."""
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-    log_file: Path | None = None
-
-    @classmethod
-    def start(cls, device="auto"):
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if device == "auto":
-            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        if world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return cls(rank, world, device)
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-    def barrier(self):
-        if self.world > 1:
-            dist.barrier()
-
-    def all_reduce(self, t, op=dist.ReduceOp.SUM):
-        """Reduce a tensor over ranks (on a device the backend takes); returns the
-        result on the CPU."""
-        if self.world == 1:
-            return t
-        t = t.to(self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(t, op=op)
-        return t.cpu()
-
-    def all_sum(self, x):
-        return type(x)(self.all_reduce(torch.tensor([float(x)], dtype=torch.float64)).item())
-
-    def gather(self, obj):
-        """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects)."""
-        if self.world == 1:
-            return [obj]
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def log(self, msg, every_rank=False, end="\n"):
-        """Rank 0 prints to stdout and appends OUT/log.txt; `every_rank` lines (warnings)
-        go to stderr."""
-        if not (self.main or every_rank):
-            return
-        prefix = f"[rank {self.rank}] " if self.world > 1 and every_rank else ""
-        print(prefix + msg, end=end, file=sys.stderr if every_rank else sys.stdout, flush=True)
-        if self.log_file is not None and end == "\n" and self.main:
-            with open(self.log_file, "a") as f:
-                f.write(prefix + msg + "\n")
-
-    def warn(self, msg):
-        self.log(msg, every_rank=True)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -305,29 +231,6 @@ def stats_file(args, d, sources, out):
     return str(mine) if mine.is_file() else None
 
 
-def compute_stats(args, d, records, crops, frozen, cache, path):
-    """Per-channel mean/std of the DINOv3 features of the first --stats-images records
-    (as cropped for training), summed over ranks, saved in the official format
-    ({'mean', 'std'}: [1, C]) to `path`."""
-    indices = range(d.rank, min(len(records), args.stats_images), d.world)
-    acc = accumulate_stats(records, indices, crops, frozen.encode_images, cache, args.micro_batch,
-                           d.warn)
-    # ranks without data still join: the channel count is agreed on first
-    C = int(d.all_reduce(torch.tensor([0 if acc.sum is None else acc.sum.numel()]),
-                         op=dist.ReduceOp.MAX))
-    vec = torch.zeros(1 + 2 * C, dtype=torch.float64)
-    if acc.sum is not None:
-        vec[0], vec[1:1 + C], vec[1 + C:] = float(acc.n), acc.sum, acc.sumsq
-    vec = d.all_reduce(vec)
-    acc.n, acc.sum, acc.sumsq = int(vec[0]), vec[1:1 + C].clone(), vec[1 + C:].clone()
-    if acc.n == 0:
-        raise UsageError("cannot compute latent statistics: none of the first "
-                         f"{args.stats_images} images could be read (pass --stats FILE)")
-    if d.main:
-        atomic_write(path, lambda tmp: torch.save(acc.state(), tmp))
-    d.barrier()
-
-
 def open_cache(args, d, records, crops, frozen):
     """--cache DIR: the DINOv3 latents and Gemma features of every record, computed once
     (ranks share the work) and then read instead of the images."""
@@ -350,8 +253,7 @@ def open_cache(args, d, records, crops, frozen):
         cache.fill(chunk, records, crops, frozen.encode_images, frozen.encode_texts,
                    args.max_text_len)
         d.log(f"cache: {start + len(chunk)}/{len(missing)} records of rank {d.rank} "
-              f"({time.time() - t0:.0f}s)",
-              end="\r")
+              f"({time.time() - t0:.0f}s)", end="\r")
     if d.main and missing:
         print(flush=True)
     written = d.all_sum(len(missing))
@@ -366,66 +268,6 @@ def open_cache(args, d, records, crops, frozen):
 
 # -------------------------------------------------------------------------------------------------
 # Checkpoints: written atomically, resumed exactly
-
-
-def rng_state(device):
-    """This process's generators as plain Python values (lists of ints), which pickle through
-    all_gather_object and load with torch.load(weights_only=True)."""
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state().tolist(),
-             "numpy": [np_state[0], np_state[1].tolist(), *(int(x) if i != 2 else float(x)
-                                                         for i, x in enumerate(np_state[2:]))]}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device).tolist()
-    return state
-
-
-def set_rng_state(state, device):
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    n = state["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8), device)
-
-
-def save_checkpoint(out, step, model, ema, opt, state, run_info, stats_path, keep):
-    """OUT/ckpt-{step:07d}/ {model,ema}.safetensors (official key names), optimizer.pt, state.pt,
-    run.json, latent_stats.pt, written whole or not at all (svgt2i.atomic_write); then OUT/latest
-    is replaced and all but the last `keep` checkpoints are removed. Rank 0 only."""
-    name = f"ckpt-{step:07d}"
-    meta = {"format": "pt", "step": str(step)}
-
-    def write(tmp):
-        tmp.mkdir()
-        cpu = {k: v.detach().to("cpu", copy=True).contiguous()
-               for k, v in model.state_dict().items()}
-        save_file(cpu, str(tmp / "model.safetensors"), metadata=meta)
-        save_file({k: v.cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"),
-                  metadata=meta)
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
-        torch.save(state, tmp / "state.pt")
-        shutil.copyfile(stats_path, tmp / "latent_stats.pt")
-        (tmp / "run.json").write_text(json.dumps({**run_info, "step": step}, indent=1))
-    final = atomic_write(out / name, write)
-    atomic_write(out / "latest", lambda tmp: tmp.write_text(name + "\n"))
-    if keep > 0:
-        older = sorted(p for p in out.glob("ckpt-*") if p.is_dir() and p != final)
-        for old in older[:-keep + 1 or None]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def resume_folder(arg, out):
-    """--resume [DIR]: 'latest' -> OUT's newest checkpoint; a run folder -> its newest; a
-    checkpoint as is."""
-    if arg == "latest" and not (out / "latest").is_file():
-        raise UsageError(f"--resume: nothing to resume in {out} (no 'latest' file): drop --resume "
-                         "to start a run")
-    folder = Path(checkpoint_folder(str(out if arg == "latest" else arg)))
-    if not (folder / "state.pt").is_file():
-        raise UsageError(f"--resume: {folder} is not a training checkpoint (no state.pt)")
-    return folder
 
 
 def init_weights_file(path, prefer_ema):
@@ -494,21 +336,6 @@ def resume(folder, model, ema, opt, args, d):
     return state["step"], state["position"], state["ema_updates"], skipped
 
 
-def check_replicas(model, d):
-    """All ranks hold bit-identical weights (DDP guarantees it; this proves it at every
-    checkpoint): per- parameter sums of the raw bits (fp32 as int32, summed in int64), so any
-    differing bit shows."""
-    if d.world == 1:
-        return
-    fp = torch.stack([p.detach().float().contiguous().view(torch.int32).sum(dtype=torch.int64)
-                      for p in model.parameters()])
-    prints = d.gather(fp.cpu())
-    bad = [r for r in range(d.world) if not torch.equal(prints[r], prints[0])]
-    if bad:
-        raise RuntimeError(f"model replicas diverged: ranks {bad} differ from rank 0")
-    d.log(f"replicas identical on {d.world} ranks")
-
-
 # -------------------------------------------------------------------------------------------------
 # Progress: loss per t-bin, images/s, MFU, ETA
 
@@ -534,13 +361,6 @@ def peak_flops(args):
             if key in name:
                 return PEAK_TFLOPS[key] * 1e12
     return None
-
-
-def fmt_time(s):
-    d, s = divmod(int(s), 86400)
-    h, s = divmod(s, 3600)
-    m, s = divmod(s, 60)
-    return f"{d}d{h:02d}h" if d else f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 class Meter:
@@ -597,15 +417,6 @@ class Meter:
 
 # -------------------------------------------------------------------------------------------------
 # Arguments
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default only where there is one: None means the stage or model preset decides."""
-
-    def _get_help_string(self, action):
-        if action.default is None or isinstance(action.default, bool):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def parse_args(argv=None):
@@ -832,51 +643,18 @@ def update_ema(ema, model, decay):
         ema[name].lerp_(p.detach().float(), 1 - decay)
 
 
-@contextlib.contextmanager
-def stop_on_signals():
-    """SIGTERM (sent by schedulers before preemption, forwarded by torchrun) or SIGUSR1: finish the
-    step, save, stop. Yields a dict whose "signal" is set when one arrived."""
-    stop, old = {"signal": None}, {}
-    if threading.current_thread() is threading.main_thread():
-        old = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
-               for s in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        yield stop
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-def open_run(args, d):
-    """OUT/ (stale temporary files of a killed run removed), the checkpoint to resume, the weights
-    to start from."""
-    out = Path(args.out)
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".tmp*"):       # something being written when the last run died
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    d.barrier()
-    if args.resume is None and (out / "latest").is_file():
-        raise UsageError(f"{out} already holds a run: pass --resume to continue it, or choose "
-                         "another --out")
-    d.log_file = out / "log.txt"
+def open_folders(args, d):
+    """OUT/, the checkpoint to resume, the weights to start from."""
+    out = open_run(args.out, args.resume, d)
     resume_dir = resume_folder(args.resume, out) if args.resume else None
-    init_file = init_weights_file(args.init_from,
-                                  args.init_from_ema) if args.init_from and not resume_dir \
-        else None
+    init_file = None
+    if args.init_from and not resume_dir:
+        init_file = init_weights_file(args.init_from, args.init_from_ema)
     return out, resume_dir, init_file
 
 
-def train(args):
-    # Setup distributed
-    d = Dist.start(args.device)
-    args.device, device = d.device, d.device
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    auto = "bf16" if device.type == "cuda" else "fp32"
-    precision = auto if args.precision == "auto" else args.precision
-    text_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[auto if args.text_dtype == "auto"
-                                                                  else args.text_dtype]
+def batch_plan(args, d):
+    """(images per rank and step, micro-batches per step): global batch = ranks x accum x micro."""
     local = args.global_batch // d.world
     if args.global_batch % d.world:
         raise UsageError(f"--global-batch {args.global_batch} is not divisible by the world size "
@@ -885,36 +663,36 @@ def train(args):
     if args.micro_batch < 1 or local % args.micro_batch:
         raise UsageError(f"--global-batch {args.global_batch} = {d.world} ranks x {local}, and "
                          f"{local} is not a multiple of --micro-batch {args.micro_batch}")
-    accum = local // args.micro_batch
-    out, resume_dir, init_file = open_run(args, d)
+    return local, local // args.micro_batch
 
-    # Frozen parts: given, else from the run we continue or start from, else (tiny) made here
-    records = Records(args.data, default_system=args.system_prompt)
-    crops = crops_for(args.resolution)
-    sources = [str(resume_dir) if resume_dir else None,
-               str(init_file.parent) if init_file else None]
+
+def setup_frozen(args, d, out, records, crops, sources, text_dtype):
+    """The frozen encoders, the feature cache and the latent statistics (computed if not given)."""
     paths = frozen_paths(args, d, out, records, sources)
-    frozen = Frozen(paths, device, text_dtype)
+    frozen = Frozen(paths, d.device, text_dtype)
     cache = open_cache(args, d, records, crops, frozen) if args.cache else None
     if not paths["stats"]:
         paths["stats"] = str(out / "latent_stats.pt")
         d.log(f"latent statistics: computing from {min(len(records), args.stats_images)} images "
               f"into {paths['stats']}")
-        compute_stats(args, d, records, crops, frozen, cache, paths["stats"])
-    stats_path = paths["stats"]
-    d.log(f"latent statistics: {stats_path}")
+        compute_stats(d, records, range(min(len(records), args.stats_images)), crops,
+                      frozen.encode_images, cache, args.micro_batch, paths["stats"])
+    d.log(f"latent statistics: {paths['stats']}")
     latent_channels, text_dim = frozen.widths(cache)
-    stats = load_latent_stats(stats_path, channels=latent_channels)
+    stats = load_latent_stats(paths["stats"], channels=latent_channels)
     if cache is not None:
         frozen.free()
     if not paths["autoencoder"]:
         d.log("note: no --autoencoder: sampling from these checkpoints will need --autoencoder "
               "(the decoder)")
+    return frozen, cache, stats, text_dim, paths
 
-    # Model, EMA, optimiser: the same init on every rank (and DDP broadcasts rank 0's anyway)
-    config = build_config(args, latent_channels, text_dim)
+
+def build_model(args, config, d, init_file):
+    """NextDiT (initialised from --seed, then --init-from), its trainable parameters, AdamW and an
+    fp32 EMA of every tensor."""
     torch.manual_seed(args.seed)
-    with torch.device(device):
+    with torch.device(d.device):
         model = NextDiT(config)
     model.grad_checkpointing = args.checkpointing
     # `norm_final` is in every checkpoint but unused by forward: frozen, or DDP waits for its
@@ -923,10 +701,81 @@ def train(args):
     if init_file is not None:
         load_init_weights(model, init_file, d)
     params = [p for p in model.parameters() if p.requires_grad]
-    n_params = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
-                            weight_decay=args.weight_decay, fused=device.type == "cuda")
+                            weight_decay=args.weight_decay, fused=d.device.type == "cuda")
     ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+    return model, params, opt, ema
+
+
+def data_stream(args, d, records, crops, cache, position, steps):
+    """This rank's micro-batches for the next `steps` steps, from global position `position` on."""
+    sampler = Positions(len(records), args.seed, args.resolution, position, steps,
+                        args.global_batch, d.rank, d.world)
+    dataset = TrainSet(records, crops, args.seed, args.resolution, args.caption_dropout,
+                       args.caption_ratios, args.zh_ratio, cache)
+    return iter(torch.utils.data.DataLoader(dataset, batch_size=args.micro_batch, sampler=sampler,
+                                            num_workers=args.workers, collate_fn=collate,
+                                            prefetch_factor=4 if args.workers else None))
+
+
+def run_record(args, paths, config):
+    """What run.json records: the frozen parts, the model, every argument."""
+    return {"frozen": {k: paths[k] for k in ("autoencoder", "dinov3", "gemma", "stats")},
+            "resolution": args.resolution, "stage": args.stage,
+            "model": {"preset": args.model, "config": dataclasses.asdict(config)},
+            "args": {k: (str(v) if isinstance(v, torch.device) else v)
+                     for k, v in vars(args).items()}}
+
+
+def save(d, out, model, ema, opt, counters, skipped, run_info, args):
+    """OUT/ckpt-{step:07d}/: {model,ema}.safetensors (official key names), optimizer.pt, state.pt
+    (counters, every rank's generators and skipped count), run.json, latent_stats.pt."""
+    check_replicas(model, d)
+    per_rank = d.gather((rng_state(d.device), skipped))
+    if not d.main:
+        return d.barrier()
+    step, meta = counters["step"], {"format": "pt", "step": str(counters["step"])}
+    state = {**counters, "world_size": d.world, "rng": [r for r, _ in per_rank],
+             "skipped": [n for _, n in per_rank], "seed": args.seed, "resolution": args.resolution}
+
+    def write(folder):
+        weights = {k: v.detach().to("cpu", copy=True).contiguous()
+                   for k, v in model.state_dict().items()}
+        save_file(weights, str(folder / "model.safetensors"), metadata=meta)
+        save_file({k: v.cpu().contiguous() for k, v in ema.items()},
+                  str(folder / "ema.safetensors"), metadata=meta)
+        torch.save(opt.state_dict(), folder / "optimizer.pt")
+        torch.save(state, folder / "state.pt")
+        shutil.copyfile(run_info["frozen"]["stats"], folder / "latent_stats.pt")
+        (folder / "run.json").write_text(json.dumps({**run_info, "step": step}, indent=1))
+    d.log(f"saved {save_checkpoint(out, step, write, args.keep)}")
+    d.barrier()
+
+
+def train(args):
+    # Setup distributed
+    d = Dist.start(args.device)
+    device = args.device = d.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    auto, dtypes = ("bf16" if device.type == "cuda" else "fp32"), {"bf16": torch.bfloat16,
+                                                                   "fp32": torch.float32}
+    precision = auto if args.precision == "auto" else args.precision
+    text_dtype = dtypes[auto if args.text_dtype == "auto" else args.text_dtype]
+    local, accum = batch_plan(args, d)
+    out, resume_dir, init_file = open_folders(args, d)
+
+    # Frozen parts: given, else from the run we continue or start from, else (tiny) made here
+    records = Records(args.data, default_system=args.system_prompt)
+    crops = crops_for(args.resolution)
+    sources = [str(p) if p else None for p in (resume_dir, init_file and init_file.parent)]
+    frozen, cache, stats, text_dim, paths = setup_frozen(args, d, out, records, crops, sources,
+                                                         text_dtype)
+
+    # Model, EMA, optimiser: the same init on every rank (and DDP broadcasts rank 0's anyway)
+    config = build_config(args, stats.channels, text_dim)
+    model, params, opt, ema = build_model(args, config, d, init_file)
+    n_params = sum(p.numel() for p in params)
 
     # Resume
     step, position, ema_updates, skipped = 0, 0, 0, 0   # skipped: this rank's unreadable images
@@ -935,21 +784,10 @@ def train(args):
     ddp = model if d.world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None,
         gradient_as_bucket_view=True)
-    run_info = {"frozen": {k: paths[k] for k in ("autoencoder", "dinov3", "gemma", "stats")},
-                "resolution": args.resolution, "stage": args.stage,
-                "model": {"preset": args.model, "config": dataclasses.asdict(config)},
-                "args": {k: (str(v) if isinstance(v, torch.device) else v)
-                         for k, v in vars(args).items()}}
+    run_info = run_record(args, paths, config)
 
     # Data: this rank's slice of the global positions still to come
-    sampler = Positions(len(records), args.seed, args.resolution, position,
-                        max(0, args.steps - step), args.global_batch, d.rank, d.world)
-    dataset = TrainSet(records, crops, args.seed, args.resolution, args.caption_dropout,
-                       args.caption_ratios, args.zh_ratio, cache)
-    batches = iter(torch.utils.data.DataLoader(dataset, batch_size=args.micro_batch,
-                                               sampler=sampler, num_workers=args.workers,
-                                               collate_fn=collate,
-                                               prefetch_factor=4 if args.workers else None))
+    batches = data_stream(args, d, records, crops, cache, position, max(0, args.steps - step))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     shift_len = (args.resolution // 16) ** 2    # the time shift follows the anchor's token count
     d.log(f"NextDiT {args.model}: {n_params / 1e6:.2f}M trainable parameters, "
@@ -992,21 +830,13 @@ def train(args):
             position += args.global_batch
             meter.step(float(grad_norm), time.time() - t0)
 
+            # Log, save, stop
             stopping = d.all_sum(int(stop["signal"] is not None)) > 0
             if step % args.log_every == 0 or step == args.steps or stopping:
                 meter.report(step, skipped)
             if step % args.save_every == 0 or step == args.steps or stopping:
-                check_replicas(model, d)
-                per_rank = d.gather((rng_state(device), skipped))
-                if d.main:
-                    state = {"step": step, "position": position, "ema_updates": ema_updates,
-                             "world_size": d.world, "rng": [r for r, _ in per_rank],
-                             "skipped": [n for _, n in per_rank], "seed": args.seed,
-                             "resolution": args.resolution}
-                    folder = save_checkpoint(out, step, model, ema, opt, state, run_info,
-                                             stats_path, args.keep)
-                    d.log(f"saved {folder}")
-                d.barrier()
+                counters = {"step": step, "position": position, "ema_updates": ema_updates}
+                save(d, out, model, ema, opt, counters, skipped, run_info, args)
             if stopping:
                 d.log(f"stopped by signal {stop['signal']} at step {step}: continue with --resume")
                 break
@@ -1029,50 +859,12 @@ def warn_skipped(items, records, warned, d):
     return n
 
 
-# -------------------------------------------------------------------------------------------------
-# The toy model: toy.py prepares its data and frozen parts, then the loop above trains its DiT
-
-
-def train_toy(args):
-    """python train.py --toy: the whole toy SVG-T2I, end to end, on a CPU: toy.prepare
-    (the shapes world's images and captions, tiny frozen parts, the decoder trained on
-    reconstruction), then train() on --model toy (latent statistics computed from the data,
-    features cached), then the bundle sample.py --toy reads."""
-    import toy
-    t_start = time.time()
-    work = Path(os.path.abspath(args.out or "runs/toy"))
-    if (work / "dit" / "latest").is_file() and not args.resume:
-        raise UsageError(f"{work} already holds a toy run: pass --resume to continue it, or "
-                         "choose another --out")
-    work.mkdir(parents=True, exist_ok=True)
-    d = Dist(log_file=work / "log.txt")
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    made = toy.prepare(work, args.toy_images, args.toy_decoder_steps, args.seed, d.log)
-    # the DiT stage is an ordinary run of --model toy (its recipe: TOY_STAGE); flags a user
-    # set override it
-    argv = ["--model", "toy", "--data", made["data"], "--out", str(work / "dit"), "--autoencoder",
-            made["autoencoder"], "--gemma", made["gemma"], "--system-prompt", "empty", "--cache",
-            str(work / "cache"), "--seed", str(args.seed), "--threads",
-            str(torch.get_num_threads()), "--precision", "fp32", "--text-dtype", "fp32", "--keep",
-            "2"]
-    for name in ("global_batch", "steps", "lr", "ema_decay"):
-        if getattr(args, name) is not None:
-            argv += ["--" + name.replace("_", "-"), str(getattr(args, name))]
-    if (work / "dit" / "latest").is_file():
-        argv.append("--resume")
-    train(finish_args(parse_args(argv)))
-    bundle = os.path.abspath(args.bundle or toy.BUNDLE)
-    toy.write_bundle(bundle, work / "dit", made)
-    d.log(f"toy model written to {bundle} ({fmt_time(time.time() - t_start)} in all)")
-    d.log(f"score it: python sample.py {'--toy' if bundle == toy.BUNDLE else '--ckpt ' + bundle} "
-          "--score")
-
-
 def main(argv=None):
     args = parse_args(argv)
     try:
-        if args.toy:
-            train_toy(args)
+        if args.toy:        # the toy model: toy.py prepares its parts, then train() runs its DiT
+            import toy
+            toy.train(args)
         else:
             train(finish_args(args))
     except (UsageError, ValueError, FileNotFoundError) as e:

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from svgt2i import (Guidance, LatentStats, StatsAccumulator, dpm_sigmas, dpm_solver_sample, euler_sample,
+from svgt2i import (Guidance, StatsAccumulator, dpm_sigmas, dpm_solver_sample, euler_sample,
                     euler_times, guided_velocity, interpolate, load_latent_stats, sample_training_t, time_shift,
                     training_shift, velocity_target)
 

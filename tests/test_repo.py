@@ -7,7 +7,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEAVES = ["dinov3.py", "gemma2.py", "nextdit.py", "decoder.py"]
-OURS = {"dinov3", "gemma2", "nextdit", "decoder", "svgt2i", "data", "sample", "train", "train_autoencoder", "toy"}
+OURS = {"dinov3", "gemma2", "nextdit", "decoder", "svgt2i", "data", "runs", "sample", "train", "train_autoencoder",
+        "toy"}
 ENTRY_POINTS = {"sample", "train", "train_autoencoder", "toy"}
 
 
@@ -60,12 +61,13 @@ def test_leaves_import_nothing_of_ours():
 
 def test_glue_never_imports_entry_points():
     assert not (imports_of("svgt2i.py") & {"sample", "train", "toy"})
-    assert not (imports_of("svgt2i.py") & (ENTRY_POINTS | {"data"}))
+    assert not (imports_of("svgt2i.py") & (ENTRY_POINTS | {"data", "runs"}))
 
 
 def test_data_imports_only_the_glue_and_no_distributed_code():
     ours = imports_of("data.py") & OURS
     assert ours <= {"svgt2i"}, ours
+    assert imports_of("runs.py") & OURS <= {"svgt2i", "data"}
     assert not any(m.startswith("torch.distributed") for m in module_imports("data.py"))
 
 

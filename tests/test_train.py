@@ -5,7 +5,6 @@ sample.py's pipeline loads what train.py writes."""
 import dataclasses
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -13,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 import data
@@ -284,7 +282,7 @@ def test_tiny_preset_makes_its_own_frozen_parts(world, tmp_path):
     out = tmp_path / "run"
     args = ["--model", "tiny", "--data", str(world["data"]), "--out", str(out), "--steps", "1", "--global-batch", "2",
             "--resolution", "64", "--system-prompt", SHORT_SYSTEM]
-    train.main(args)                                  # svgt2i.make_tiny_frozen writes them into OUT/frozen
+    train.main(args)                                  # toy.make_tiny_frozen writes them into OUT/frozen
     frozen = json.loads((out / "ckpt-0000001" / "run.json").read_text())["frozen"]
     assert all(frozen[k].startswith(str(out / "frozen")) for k in ("autoencoder", "dinov3", "gemma"))
     stamp = os.path.getmtime(frozen["autoencoder"])
