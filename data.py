@@ -149,8 +149,10 @@ def parse_record(line, base, where, default_system="base"):
     system = rec.get("system_prompt", system)
     if not isinstance(system, str):
         raise ValueError(f"{where}: \"system_prompt\" must be a string")
-    return {"path": os.path.join(base, path), "captions": parse_captions(prompt, where),
-            "system": system_prompt_text(system)}
+    captions = parse_captions(prompt, where)
+    no_prompt = not any(c.strip() for variants in captions.values() for c in variants.values())
+    return {"path": os.path.join(base, path), "captions": captions,
+            "system": system_prompt_text(system), "no_prompt": no_prompt}
 
 
 class Records:
@@ -217,9 +219,12 @@ def choose_caption(captions, rng, dropout, length_ratios, zh_ratio):
 
 
 def caption_text(record, choice):
-    """The text Gemma encodes: system prompt + caption; a dropped caption is "" without system
-    prompt (upstream)."""
-    return "" if choice is None else record["system"] + record["captions"][choice[0]][choice[1]]
+    """The text Gemma encodes: system prompt + caption, a caption of only whitespace counting as
+    empty; a dropped caption is "" without system prompt (both as upstream)."""
+    if choice is None:
+        return ""
+    caption = record["captions"][choice[0]][choice[1]]
+    return record["system"] + (caption if caption.strip() else "")
 
 
 def caption_texts(record):
@@ -314,7 +319,7 @@ class TrainSet(torch.utils.data.Dataset):
         choice = choose_caption(record["captions"], random.Random(caption_seed), self.dropout,
                                 self.ratios, self.zh_ratio)
         out = {"position": position, "index": i, "noise_seed": noise_seed, "skipped": skipped,
-               "text": caption_text(record, choice)}
+               "text": caption_text(record, choice), "no_prompt": record["no_prompt"]}
         if self.cache is None:
             out["image"] = data
         else:

@@ -12,12 +12,14 @@ and latent statistics summed over ranks.
 import argparse
 import contextlib
 import dataclasses
+import json
 import os
 import random
 import shutil
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from data import accumulate_stats
-from svgt2i import atomic_write, checkpoint_folder
+from svgt2i import atomic_write, pick_device
 
 
 class UsageError(Exception):
@@ -54,14 +56,12 @@ class Dist:
     world: int = 1
     device: torch.device = torch.device("cpu")
     log_file: Path | None = None
+    lock: object = None               # rank 0's lock on the run folder (runs.lock_folder)
 
     @classmethod
     def start(cls, device="auto"):
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if device == "auto":
-            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device)
+        device = pick_device(device, index=int(os.environ.get("LOCAL_RANK", 0)))
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if world > 1 and not dist.is_initialized():
@@ -111,19 +111,45 @@ class Dist:
         self.log(msg, every_rank=True)
 
 
-
 # -------------------------------------------------------------------------------------------------
-# The run folder: atomic checkpoints, exact resume
+# The run folder: one run at a time, atomic checkpoints, resumed exactly from the newest intact one
+
+
+def lock_folder(folder):
+    """An exclusive lock on `folder` (a lock file held open for the life of this process; the OS
+    drops it when the process dies, however it dies). Raises UsageError naming the holder's pid."""
+    import fcntl
+    f = open(Path(folder) / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise UsageError(f"{folder} is in use by another run (pid {holder}): wait for it to "
+                         "finish, or choose another --out") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
 
 def open_run(out, resume, d):
-    """The run folder OUT/, created, with stale temporary files of a killed run removed; refused
-    if it holds a run and `resume` is not asked for. Rank 0 logs to OUT/log.txt from here on."""
+    """The run folder OUT/: created and locked by rank 0 (a second run against it is refused), stale
+    temporary files of a killed run removed; refused if it holds a run and `resume` is not asked
+    for. Rank 0 logs to OUT/log.txt from here on."""
     out = Path(out)
+    problem = None
     if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".tmp*"):       # something being written when the last run died
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    d.barrier()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            d.lock = lock_folder(out)
+            for stale in out.glob(".tmp*"):       # something being written when the last run died
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        except (UsageError, OSError) as e:
+            problem = str(e) if isinstance(e, UsageError) else f"cannot use --out {out}: {e}"
+    if d.all_sum(int(problem is not None)):       # every rank stops, rank 0 says why
+        raise UsageError(problem or "rank 0 could not open the run folder")
     if resume is None and (out / "latest").is_file():
         raise UsageError(f"{out} already holds a run: pass --resume to continue it, or choose "
                          "another --out")
@@ -149,16 +175,59 @@ def save_checkpoint(out, step, write, keep):
     return final
 
 
-def resume_folder(arg, out):
-    """--resume [DIR]: 'latest' -> OUT's newest checkpoint; a run folder -> its newest; a
-    checkpoint as is."""
-    if arg == "latest" and not (out / "latest").is_file():
-        raise UsageError(f"--resume: nothing to resume in {out} (no 'latest' file): drop --resume "
-                         "to start a run")
-    folder = Path(checkpoint_folder(str(out if arg == "latest" else arg)))
-    if not (folder / "state.pt").is_file():
-        raise UsageError(f"--resume: {folder} is not a training checkpoint (no state.pt)")
-    return folder
+def checkpoint_problem(folder, files):
+    """Why the checkpoint `folder` cannot be trusted (a file missing, truncated or not what it
+    claims to be), or None. Cheap: safetensors headers, torch zip directories, JSON."""
+    from safetensors import safe_open
+    for name in files:
+        f = Path(folder) / name
+        try:
+            if not f.is_file():
+                return f"{name} is missing"
+            if name.endswith(".safetensors"):
+                with safe_open(str(f), "pt") as st:
+                    st.keys()
+            elif name.endswith(".json"):
+                json.loads(f.read_text())
+            else:
+                torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:
+            return f"{name} is corrupt or truncated ({type(e).__name__})"
+    return None
+
+
+def resume_folder(arg, out, files, warn=print):
+    """--resume [DIR]: 'latest' -> OUT's newest checkpoint; a run folder -> its newest; a checkpoint
+    folder as is. Each is checked (checkpoint_problem on `files`); from a run folder, a damaged
+    newest checkpoint is passed over for the newest intact one, with a warning."""
+    run = Path(out if arg == "latest" else arg)
+    if not (run / "latest").is_file():
+        if arg == "latest":
+            raise UsageError(f"--resume: nothing to resume in {out} (no 'latest' file): drop "
+                             "--resume to start a run")
+        problem = checkpoint_problem(run, files)
+        if problem:
+            raise UsageError(f"--resume {run}: not an intact training checkpoint: {problem}")
+        return run
+    newest = run / (run / "latest").read_text().strip()
+    candidates = [newest] + sorted((p for p in run.glob("ckpt-*") if p.is_dir() and p != newest),
+                                   reverse=True)
+    for folder in candidates:
+        problem = checkpoint_problem(folder, files)
+        if problem is None:
+            return folder
+        warn(f"warning: --resume: {folder} cannot be used ({problem}); trying an older checkpoint")
+    raise UsageError(f"--resume: no intact checkpoint in {run}: drop --resume to start again")
+
+
+def truncate_log(path, step):
+    """Keep only the records of `path` (a .jsonl log) up to `step`: a resumed run logs the steps
+    after its checkpoint again."""
+    path = Path(path)
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
 
 def rng_state(device):
@@ -184,7 +253,7 @@ def set_rng_state(state, device):
 
 def check_replicas(model, d):
     """All ranks hold bit-identical weights (DDP guarantees it; this proves it at every
-    checkpoint): per- parameter sums of the raw bits (fp32 as int32, summed in int64), so any
+    checkpoint): per-parameter sums of the raw bits (fp32 as int32, summed in int64), so any
     differing bit shows."""
     if d.world == 1:
         return
@@ -200,11 +269,19 @@ def check_replicas(model, d):
 @contextlib.contextmanager
 def stop_on_signals():
     """SIGTERM (sent by schedulers before preemption, forwarded by torchrun) or SIGUSR1: finish the
-    step, save, stop. Yields a dict whose "signal" is set when one arrived."""
-    stop, old = {"signal": None}, {}
+    step, save, stop. Under torchrun, the death of its agent (this process's parent) stops the run
+    the same way, so workers never train on unwatched. Yields stop(): the reason to stop, or
+    None."""
+    caught, old = [], {}
     if threading.current_thread() is threading.main_thread():
-        old = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
+        old = {s: signal.signal(s, lambda signum, frame: caught.append(f"signal {signum}"))
                for s in (signal.SIGTERM, signal.SIGUSR1)}
+    parent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+
+    def stop():
+        if parent is not None and os.getppid() != parent:
+            caught.append("the death of torchrun's agent")
+        return caught[0] if caught else None
     try:
         yield stop
     finally:
@@ -217,6 +294,30 @@ def fmt_time(s):
     h, s = divmod(s, 3600)
     m, s = divmod(s, 60)
     return f"{d}d{h:02d}h" if d else f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """The progress of a long loop on a stream: on a terminal one line updated in place; in a log
+    file a plain line every `every` of the way (and at the end), each with the rate and the time
+    left, so a log stays readable."""
+
+    def __init__(self, what, total, stream=None, every=0.05):
+        self.what, self.total, self.every = what, max(total, 1), every
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.t0, self.next = time.time(), 0.0
+
+    def __call__(self, done, note=""):
+        frac = done / self.total
+        if not self.tty and frac < self.next and done < self.total:
+            return
+        self.next = frac + self.every
+        dt = time.time() - self.t0
+        eta = dt / done * (self.total - done) if done else 0.0
+        line = (f"{self.what} {done}/{self.total} ({100 * frac:.0f}%){note} | {fmt_time(dt)} "
+                f"elapsed, eta {fmt_time(eta)}")
+        end = "\n" if not self.tty or done >= self.total else ""
+        print(("\r" if self.tty else "") + line, end=end, file=self.stream, flush=True)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -514,7 +514,45 @@ def load_tokenizer(gemma_dir):
 
 
 # -------------------------------------------------------------------------------------------------
-# Finding the weights
+# Devices, and finding the weights
+
+
+def pick_device(name="auto", index=0):
+    """--device: auto (cuda:index when a GPU is visible, else cpu), cpu, cuda, cuda:N or mps.
+    Anything else, or a device this machine lacks, is a one-line ValueError."""
+    if name == "auto":
+        return torch.device(f"cuda:{index}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps") \
+            from None
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            build = " (this torch is a CPU-only build)" if torch.version.cuda is None else ""
+            raise ValueError(f"--device {name}: no CUDA GPU is visible here{build}: use --device "
+                             "cpu")
+        i = index if device.index is None else device.index
+        if i >= n:
+            raise ValueError(f"--device {name}: this machine has {n} CUDA device(s), cuda:0 to "
+                             f"cuda:{n - 1}")
+        return torch.device("cuda", i)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: Apple's MPS is not available here: use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: {device.type} devices are not supported: use auto, "
+                         "cpu, cuda, cuda:N or mps")
+    return device
+
+
+# Where the release is looked for when no folder is named: the official layout beside the command.
+RELEASE_DIRS, GEMMA_DIRS = ("pre-trained",), ("gemma-2-2b", "pre-trained/gemma-2-2b")
+
+
+def default_folder(candidates):
+    """The first of `candidates` (relative to the working directory) that is a folder, or None."""
+    return next((c for c in candidates if os.path.isdir(c)), None)
 
 DOWNLOAD_HINT = ("the official weights are published with the SVG-T2I release "
                  "(github.com/KlingTeam/SVG-T2I, 'pre-trained/' folder) and Gemma-2-2B at "

@@ -65,10 +65,11 @@ from safetensors.torch import load_file, save_file
 
 from data import Cache, Positions, Records, TrainSet, caption_texts, collate, crops_for
 from nextdit import PRESETS, NextDiT, NextDiTConfig, nextdit_keymap
-from runs import (Dist, HelpFormatter, UsageError, check_replicas, compute_stats, fmt_time,
-                  open_run, resume_folder, rng_state, save_checkpoint, set_rng_state,
-                  stop_on_signals)
-from svgt2i import (SYSTEM_PROMPTS, Autoencoder, TextEncoder, atomic_write, checkpoint_folder,
+from runs import (Dist, HelpFormatter, Progress, UsageError, check_replicas, compute_stats,
+                  fmt_time, open_run, resume_folder, rng_state, save_checkpoint, set_rng_state,
+                  stop_on_signals, truncate_log)
+from svgt2i import (GEMMA_DIRS, RELEASE_DIRS, SYSTEM_PROMPTS, Autoencoder, TextEncoder,
+                    atomic_write, checkpoint_folder, default_folder, find_weights,
                     flow_matching_loss, load_autoencoder, load_dinov3, load_gemma2,
                     load_latent_stats, load_tokenizer, read_state_dict, sample_training_t,
                     training_shift)
@@ -101,6 +102,10 @@ TINY_STAGE = dict(global_batch=16, steps=100, save_every=50, log_every=10, worke
 TOY_STAGE = dict(resolution=64, global_batch=64, steps=2200, lr=1e-3, ema_decay=0.999,
                  save_every=250, log_every=50, workers=0)
 
+# What a checkpoint folder holds; --resume checks each before trusting the checkpoint.
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.pt", "state.pt", "run.json",
+                    "latent_stats.pt")
+FROZEN = ("autoencoder", "dinov3", "gemma")    # the frozen parts a run records
 ADAM_BETAS, ADAM_EPS = (0.9, 0.95), 1e-15  # upstream's AdamW; a constant lr (no warm-up, schedule)
 T_BINS = 10                                # loss is logged per t-bin: [0, 0.1), ..., [0.9, 1]
 PEAK_TFLOPS = {"H200": 989, "H100": 989, "H800": 989, "H20": 148, "A100": 312, "A800": 312,
@@ -174,9 +179,41 @@ class Frozen:
             torch.cuda.empty_cache()
 
 
-def read_run_json(folder):
+def recorded_frozen(folder):
+    """The frozen parts a checkpoint's run.json records, as paths (relative ones are relative to the
+    checkpoint); a recorded path that no longer exists is an error naming the flag to pass."""
     f = Path(folder) / "run.json"
-    return json.loads(f.read_text()) if f.is_file() else {}
+    if not f.is_file():
+        return {}
+    try:
+        frozen = json.loads(f.read_text()).get("frozen", {})
+    except (ValueError, AttributeError) as e:
+        raise UsageError(f"{f}: not a valid run.json ({type(e).__name__}: {e})") from None
+    paths = {k: os.path.normpath(os.path.join(folder, v)) for k, v in frozen.items()
+             if k in FROZEN and v}
+    for k, p in paths.items():
+        if not os.path.exists(p):
+            raise UsageError(f"{f} records the {k} at {p}, which does not exist (was the run "
+                             f"moved?): pass --{k}")
+    return paths
+
+
+def release_files():
+    """The official release's frozen parts and statistics when it sits beside the command
+    (./pre-trained, ./gemma-2-2b): what `torchrun train.py --stage 1 --data D --out O` uses."""
+    folder = default_folder(RELEASE_DIRS)
+    if folder is None:
+        return {"gemma": default_folder(GEMMA_DIRS)}
+    found = find_weights(folder, default_folder(GEMMA_DIRS), need=())
+    return {k: found[k] for k in FROZEN + ("stats",)}
+
+
+def relative_to_run(path, out):
+    """How run.json records a frozen part: relative to the checkpoint folder when it lies inside the
+    run (so a moved or copied run still finds it), absolute otherwise."""
+    path = os.path.abspath(path)
+    inside = os.path.commonpath([path, os.path.abspath(out)]) == os.path.abspath(out)
+    return os.path.join("..", os.path.relpath(path, out)) if inside else path
 
 
 def frozen_paths(args, d, out, records, sources):
@@ -184,26 +221,32 @@ def frozen_paths(args, d, out, records, sources):
     resume or start from (--init-from), so a stage chain keeps its encoders; for --model tiny
     without them, tiny random ones are made in OUT/frozen (toy.make_tiny_frozen). Then the latent
     statistics (stats_file)."""
-    paths = {k: getattr(args, k) for k in ("autoencoder", "dinov3", "gemma")}
+    paths = {k: getattr(args, k) for k in FROZEN}
     for src in sources:
-        frozen = read_run_json(src).get("frozen", {}) if src else {}
+        recorded = recorded_frozen(src) if src else {}
         for k in paths:
-            paths[k] = paths[k] or frozen.get(k)
+            paths[k] = paths[k] or recorded.get(k)
+    if args.model != "tiny" and not all(paths.values()):     # the release beside the command
+        release = release_files()
+        paths = {k: paths[k] or release.get(k) for k in FROZEN}
+        args.stats = args.stats or release.get("stats")
     if not (paths["autoencoder"] or paths["dinov3"]) or not paths["gemma"]:
         if args.model != "tiny":
             raise UsageError("missing frozen parts: pass --autoencoder (and --dinov3 if it has no "
-                             "encoder.* keys) and --gemma (the Gemma-2-2B folder); see README")
+                             "encoder.* keys) and --gemma (the Gemma-2-2B folder), or run from the "
+                             f"folder holding the release (looked in ./{', ./'.join(RELEASE_DIRS)}"
+                             f" and ./{', ./'.join(GEMMA_DIRS)}); see README")
         if d.main and not (out / "frozen.json").is_file():
             import toy
             # the tokenizer of the tiny Gemma is trained on the captions as Gemma will see them
             sample = [records[i] for i in range(min(len(records), 10000))]
             texts = {t for r in sample for _, t in caption_texts(r)} | set(SYSTEM_PROMPTS.values())
             made = toy.make_tiny_frozen(str(out / "frozen"), sorted(texts), seed=args.seed)
-            made = {k: os.path.abspath(v) for k, v in made.items()}
+            made = {k: os.path.relpath(v, out) for k, v in made.items()}    # the run may move
             atomic_write(out / "frozen.json", lambda tmp: tmp.write_text(json.dumps(made)))
         d.barrier()
         made = json.loads((out / "frozen.json").read_text())
-        paths.update({k: made.get(k) for k in ("autoencoder", "dinov3", "gemma")})
+        paths.update({k: str(out / made[k]) for k in FROZEN if made.get(k)})
     paths["stats"] = stats_file(args, d, sources, out)
     for k in ("autoencoder", "dinov3", "stats"):
         if paths[k] and not os.path.isfile(paths[k]):
@@ -247,15 +290,13 @@ def open_cache(args, d, records, crops, frozen):
     missing = cache.missing(range(d.rank, len(records), d.world))
     if d.main:
         cache.write_empty(frozen.encode_texts, args.max_text_len)
-    t0 = time.time()
+    progress = Progress(f"cache: rank {d.rank} records", len(missing), stream=sys.stdout)
     for start in range(0, len(missing), args.micro_batch):
         chunk = missing[start:start + args.micro_batch]
         cache.fill(chunk, records, crops, frozen.encode_images, frozen.encode_texts,
                    args.max_text_len)
-        d.log(f"cache: {start + len(chunk)}/{len(missing)} records of rank {d.rank} "
-              f"({time.time() - t0:.0f}s)", end="\r")
-    if d.main and missing:
-        print(flush=True)
+        if d.main:
+            progress(start + len(chunk))
     written = d.all_sum(len(missing))
     if written:
         d.log(f"cache: wrote {written} records to {args.cache}")
@@ -328,6 +369,8 @@ def resume(folder, model, ema, opt, args, d):
     for group in opt.param_groups:    # the command line wins (upstream resets lr and wd on resume)
         group.update(lr=args.lr, weight_decay=args.weight_decay, betas=ADAM_BETAS, eps=ADAM_EPS)
     state = torch.load(folder / "state.pt", weights_only=True)
+    if d.main:      # the steps after the checkpoint will be logged again
+        truncate_log(Path(args.out) / "log.jsonl", state["step"])
     skipped = sum(state["skipped"]) if d.main else 0
     if state["world_size"] == d.world:    # (nothing of the training itself depends on these)
         set_rng_state(state["rng"][d.rank], device)
@@ -646,7 +689,9 @@ def update_ema(ema, model, decay):
 def open_folders(args, d):
     """OUT/, the checkpoint to resume, the weights to start from."""
     out = open_run(args.out, args.resume, d)
-    resume_dir = resume_folder(args.resume, out) if args.resume else None
+    resume_dir = None
+    if args.resume:
+        resume_dir = resume_folder(args.resume, out, CHECKPOINT_FILES, d.warn)
     init_file = None
     if args.init_from and not resume_dir:
         init_file = init_weights_file(args.init_from, args.init_from_ema)
@@ -657,8 +702,10 @@ def batch_plan(args, d):
     """(images per rank and step, micro-batches per step): global batch = ranks x accum x micro."""
     local = args.global_batch // d.world
     if args.global_batch % d.world:
+        sizes = [n for n in range(1, min(args.global_batch, 64) + 1) if args.global_batch % n == 0]
         raise UsageError(f"--global-batch {args.global_batch} is not divisible by the world size "
-                         f"{d.world}")
+                         f"{d.world}: run on {', '.join(map(str, sizes))} processes, or pass a "
+                         f"--global-batch divisible by {d.world}")
     args.micro_batch = args.micro_batch or local
     if args.micro_batch < 1 or local % args.micro_batch:
         raise UsageError(f"--global-batch {args.global_batch} = {d.world} ranks x {local}, and "
@@ -720,14 +767,15 @@ def data_stream(args, d, records, crops, cache, position, steps):
 
 def run_record(args, paths, config):
     """What run.json records: the frozen parts, the model, every argument."""
-    return {"frozen": {k: paths[k] for k in ("autoencoder", "dinov3", "gemma", "stats")},
+    frozen = {k: paths[k] and relative_to_run(paths[k], args.out) for k in FROZEN + ("stats",)}
+    return {"frozen": frozen,
             "resolution": args.resolution, "stage": args.stage,
             "model": {"preset": args.model, "config": dataclasses.asdict(config)},
             "args": {k: (str(v) if isinstance(v, torch.device) else v)
                      for k, v in vars(args).items()}}
 
 
-def save(d, out, model, ema, opt, counters, skipped, run_info, args):
+def save(d, out, model, ema, opt, counters, skipped, run_info, stats_path, args):
     """OUT/ckpt-{step:07d}/: {model,ema}.safetensors (official key names), optimizer.pt, state.pt
     (counters, every rank's generators and skipped count), run.json, latent_stats.pt."""
     check_replicas(model, d)
@@ -746,7 +794,7 @@ def save(d, out, model, ema, opt, counters, skipped, run_info, args):
                   str(folder / "ema.safetensors"), metadata=meta)
         torch.save(opt.state_dict(), folder / "optimizer.pt")
         torch.save(state, folder / "state.pt")
-        shutil.copyfile(run_info["frozen"]["stats"], folder / "latent_stats.pt")
+        shutil.copyfile(stats_path, folder / "latent_stats.pt")
         (folder / "run.json").write_text(json.dumps({**run_info, "step": step}, indent=1))
     d.log(f"saved {save_checkpoint(out, step, write, args.keep)}")
     d.barrier()
@@ -831,14 +879,16 @@ def train(args):
             meter.step(float(grad_norm), time.time() - t0)
 
             # Log, save, stop
-            stopping = d.all_sum(int(stop["signal"] is not None)) > 0
+            reason = stop()
+            stopping = d.all_sum(int(reason is not None)) > 0
             if step % args.log_every == 0 or step == args.steps or stopping:
                 meter.report(step, skipped)
             if step % args.save_every == 0 or step == args.steps or stopping:
                 counters = {"step": step, "position": position, "ema_updates": ema_updates}
-                save(d, out, model, ema, opt, counters, skipped, run_info, args)
+                save(d, out, model, ema, opt, counters, skipped, run_info, paths["stats"], args)
             if stopping:
-                d.log(f"stopped by signal {stop['signal']} at step {step}: continue with --resume")
+                d.log(f"stopped by {reason or 'another rank'} at step {step}: continue with "
+                      "--resume")
                 break
     if step >= args.steps:
         d.log(f"done: step {step}/{args.steps} ({fmt_time(time.time() - meter.t_start)} in this "
@@ -847,8 +897,8 @@ def train(args):
 
 
 def warn_skipped(items, records, warned, d):
-    """Warn once per unreadable record the dataset skipped; returns how many skips the
-    items carry."""
+    """Warn once per unreadable record the dataset skipped, and once per record without a prompt
+    (trained on the empty caption, as upstream); returns how many skips the items carry."""
     n = 0
     for it in items:
         for i, reason in it["skipped"]:
@@ -856,6 +906,11 @@ def warn_skipped(items, records, warned, d):
             if i not in warned:
                 warned.add(i)
                 d.warn(f"warning: skipped {records.where(i)} ({reason})")
+        if it["no_prompt"] and ("prompt", it["index"]) not in warned:
+            warned.add(("prompt", it["index"]))
+            count = sum(1 for w in warned if isinstance(w, tuple))
+            d.warn(f"warning: {records.where(it['index'])} has no prompt: trained with the empty "
+                   f"caption ({count} such record{'s' if count > 1 else ''} so far)")
     return n
 
 
@@ -868,9 +923,10 @@ def main(argv=None):
         else:
             train(finish_args(args))
     except (UsageError, ValueError, FileNotFoundError) as e:
-        world = int(os.environ.get("WORLD_SIZE", 1))
-        prefix = f"[rank {os.environ.get('RANK')}] " if world > 1 else ""
-        print(f"{prefix}train.py: error: {e}", file=sys.stderr)
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if rank == 0 or not isinstance(e, UsageError):   # every rank has a usage error: say it once
+            prefix = f"[rank {rank}] " if world > 1 else ""
+            print(f"{prefix}train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
         if dist.is_initialized():

@@ -58,7 +58,7 @@ def log_records(out):
     return [json.loads(line) for line in open(Path(out) / "log.jsonl")]
 
 
-def run_cli(args, env_extra=None, torchrun=None, instruments=()):
+def run_cli(args, env_extra=None, torchrun=None, instruments=(), cwd=ROOT):
     """train.py in a subprocess (under torchrun with `torchrun` processes); with `instruments`, through the test
     harness (tests/train_harness.py: --kill-after-step N, --dump-grads)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env_extra or {})}
@@ -66,7 +66,7 @@ def run_cli(args, env_extra=None, torchrun=None, instruments=()):
                                                                *instruments, "--"]
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
                               if torchrun else []) + [*script, *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,6 +177,7 @@ def test_killed_run_resumes_bit_for_bit(world, tmp_path):
     assert (sa["step"], sa["position"], sa["ema_updates"]) == (sb["step"], sb["position"], sb["ema_updates"]) == (6, 24, 6)
     la, lb = log_records(a), log_records(b)
     assert [r["loss"] for r in la[3:]] == [r["loss"] for r in lb if r["step"] > 3][-3:]
+    assert [r["step"] for r in lb] == [1, 2, 3, 4, 5, 6]        # the resumed steps are logged once
     # The weights moved, and the EMA (warm-up: decay (1 + n) / (10 + n)) differs from the model.
     first = load_file(str(a / "ckpt-0000006/model.safetensors"))
     ema = load_file(str(a / "ckpt-0000006/ema.safetensors"))
@@ -211,7 +212,8 @@ def test_stages_chain_with_init_from(world, tmp_path, capsys):
     run2 = json.loads((s2 / "ckpt-0000001/run.json").read_text())
     assert run2["stage"] == 2 and run2["args"]["max_text_len"] == 256 and run2["frozen"]["gemma"] == world["gemma"]
     assert (s2 / "latent_stats.pt").read_bytes() == Path(world["stats"]).read_bytes()
-    assert run2["frozen"]["stats"] == str(s2 / "latent_stats.pt")
+    # recorded relative to the checkpoint, as it lies inside the run (a moved run still finds it)
+    assert os.path.normpath(s2 / "ckpt-0000001" / run2["frozen"]["stats"]) == str(s2 / "latent_stats.pt")
     w1, w2 = load_file(str(s1 / "ckpt-0000002/model.safetensors")), load_file(str(s2 / "ckpt-0000001/model.safetensors"))
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
     e2 = load_file(str(s2 / "ckpt-0000001/ema.safetensors"))
@@ -274,7 +276,9 @@ def test_sample_pipeline_loads_a_training_checkpoint(world, tmp_path):
     image = pipe.generate(["a red square"], height=64, width=96, steps=2, seed=0)[0]
     assert image.size == (96, 64)
     run = json.loads((ckpt / "run.json").read_text())
-    assert all(os.path.isabs(run["frozen"][k]) for k in ("autoencoder", "gemma", "stats"))
+    # frozen parts outside the run are recorded absolute, the statistics inside it relative
+    assert all(os.path.isabs(run["frozen"][k]) for k in ("autoencoder", "gemma"))
+    assert not os.path.isabs(run["frozen"]["stats"]) and (ckpt / run["frozen"]["stats"]).is_file()
     assert run["resolution"] == 128 and run["model"]["preset"] == "tiny"
 
 
@@ -284,11 +288,13 @@ def test_tiny_preset_makes_its_own_frozen_parts(world, tmp_path):
             "--resolution", "64", "--system-prompt", SHORT_SYSTEM]
     train.main(args)                                  # toy.make_tiny_frozen writes them into OUT/frozen
     frozen = json.loads((out / "ckpt-0000001" / "run.json").read_text())["frozen"]
-    assert all(frozen[k].startswith(str(out / "frozen")) for k in ("autoencoder", "dinov3", "gemma"))
-    stamp = os.path.getmtime(frozen["autoencoder"])
+    ckpt = out / "ckpt-0000001"
+    assert all(os.path.normpath(ckpt / frozen[k]).startswith(str(out / "frozen"))
+               for k in ("autoencoder", "dinov3", "gemma"))
+    stamp = os.path.getmtime(ckpt / frozen["autoencoder"])
     train.main(args[:args.index("--steps")] + ["--steps", "2", "--resume"] + args[args.index("--steps") + 2:])
     assert json.loads((out / "ckpt-0000002" / "run.json").read_text())["frozen"] == frozen
-    assert os.path.getmtime(frozen["autoencoder"]) == stamp   # resuming reuses them
+    assert os.path.getmtime(ckpt / frozen["autoencoder"]) == stamp   # resuming reuses them
 
 
 def test_errors_are_one_line_with_exit_code_2(world, tmp_path, capsys):
