@@ -2,7 +2,8 @@
 What every training run shares (train.py for the DiT, train_autoencoder.py for the decoder): this
 process's place in the run (rank, world size, device, the collectives, logging), the run folder
 (stale files cleared, atomic checkpoints, exact resume of every generator), stopping on a signal,
-and latent statistics summed over ranks.
+sharded training (FSDP2: the mesh, the wrapping, full files streamed from shards, checkpoints that
+reshard on load), and latent statistics summed over ranks.
 
     d = Dist.start("auto")                 # torchrun's environment -> rank, world, device
     out = open_run(args.out, args.resume, d)
@@ -20,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +59,7 @@ class Dist:
     device: torch.device = torch.device("cpu")
     log_file: Path | None = None
     lock: object = None               # rank 0's lock on the run folder (runs.lock_folder)
+    mesh: object = None               # the device mesh, when anything is sharded (device_mesh)
 
     @classmethod
     def start(cls, device="auto"):
@@ -157,34 +160,61 @@ def open_run(out, resume, d):
     return out
 
 
-def save_checkpoint(out, step, write, keep):
+def save_checkpoint(out, step, write, keep, d=None):
     """OUT/ckpt-{step:07d}/, written by write(folder) into a temporary folder and renamed, whole or
     not at all (svgt2i.atomic_write); then OUT/latest names it and all but the last `keep`
-    checkpoints are removed (0: keep all). Rank 0 only."""
+    checkpoints are removed (0: keep all). Rank 0 only; or, given `d`, every rank calls it and
+    runs write() into one shared temporary folder (each writing its part: sharded state is saved
+    in parallel), which rank 0 renames once every rank has finished. Returns the folder (None on
+    other ranks)."""
     name = f"ckpt-{step:07d}"
+    every_rank = d is not None and d.world > 1
+    if every_rank:
+        shared = out / f".tmp-{name}"          # a fixed name every rank knows; open_run clears it
+        if d.main:
+            shutil.rmtree(shared, ignore_errors=True)
+            shared.mkdir()
+        d.barrier()
+        write(shared)
+        d.barrier()                            # every rank's part is on disk
+        if not d.main:
+            return d.barrier()
 
     def write_folder(tmp):
-        tmp.mkdir()
-        write(tmp)
+        if every_rank:
+            os.replace(shared, tmp)
+        else:
+            tmp.mkdir()
+            write(tmp)
     final = atomic_write(out / name, write_folder)
     atomic_write(out / "latest", lambda tmp: tmp.write_text(name + "\n"))
     if keep > 0:
         older = sorted(p for p in out.glob("ckpt-*") if p.is_dir() and p != final)
         for old in older[:-keep + 1 or None]:
             shutil.rmtree(old, ignore_errors=True)
+    if every_rank:
+        d.barrier()
     return final
 
 
 def checkpoint_problem(folder, files):
     """Why the checkpoint `folder` cannot be trusted (a file missing, truncated or not what it
-    claims to be), or None. Cheap: safetensors headers, torch zip directories, JSON."""
+    claims to be), or None. `files` are names; "a|b" accepts either (the first present is
+    checked); a folder is a torch.distributed.checkpoint (sharded_problem). Cheap: safetensors
+    headers, torch zip directories, JSON, file sizes."""
     from safetensors import safe_open
-    for name in files:
+    for names in files:
+        present = [n for n in names.split("|") if (Path(folder) / n).exists()]
+        if not present:
+            return f"{names.replace('|', ' or ')} is missing"
+        name = present[0]
         f = Path(folder) / name
         try:
-            if not f.is_file():
-                return f"{name} is missing"
-            if name.endswith(".safetensors"):
+            if f.is_dir():
+                problem = sharded_problem(f)
+                if problem:
+                    return f"{name}/{problem}"
+            elif name.endswith(".safetensors"):
                 with safe_open(str(f), "pt") as st:
                     st.keys()
             elif name.endswith(".json"):
@@ -251,19 +281,22 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8), device)
 
 
-def check_replicas(model, d):
-    """All ranks hold bit-identical weights (DDP guarantees it; this proves it at every
-    checkpoint): per-parameter sums of the raw bits (fp32 as int32, summed in int64), so any
-    differing bit shows."""
-    if d.world == 1:
+def check_replicas(model, d, shards=1):
+    """Ranks that hold the same part of the weights hold it bit for bit (DDP guarantees it, and
+    HSDP across its replicas; this proves it at every checkpoint): per-parameter sums of the raw
+    bits (fp32 as int32, summed in int64), so any differing bit shows. `shards`: rank r holds
+    shard r % shards (1: every rank the whole model; the world size: nothing to compare)."""
+    if d.world == shards:
         return
-    fp = torch.stack([p.detach().float().contiguous().view(torch.int32).sum(dtype=torch.int64)
-                      for p in model.parameters()])
+    fp = torch.stack([local(p).detach().float().contiguous().view(torch.int32)
+                      .sum(dtype=torch.int64) for p in model.parameters()])
     prints = d.gather(fp.cpu())
-    bad = [r for r in range(d.world) if not torch.equal(prints[r], prints[0])]
+    bad = [r for r in range(d.world) if not torch.equal(prints[r], prints[r % shards])]
     if bad:
-        raise RuntimeError(f"model replicas diverged: ranks {bad} differ from rank 0")
-    d.log(f"replicas identical on {d.world} ranks")
+        raise RuntimeError(f"model replicas diverged: ranks {bad} differ from rank(s) "
+                           f"{sorted({r % shards for r in bad})}")
+    d.log(f"replicas identical on {d.world} ranks" + (f" ({d.world // shards} replicas of "
+                                                      f"{shards} shards)" if shards > 1 else ""))
 
 
 @contextlib.contextmanager
@@ -318,6 +351,184 @@ class Progress:
                 f"elapsed, eta {fmt_time(eta)}")
         end = "\n" if not self.tty or done >= self.total else ""
         print(("\r" if self.tty else "") + line, end=end, file=self.stream, flush=True)
+
+
+# -------------------------------------------------------------------------------------------------
+# Sharded training (FSDP2): the mesh, the wrapping, full files from shards, checkpoints that
+# reshard (torch.distributed.checkpoint and fsdp are imported where used: seconds at every start)
+
+
+def device_mesh(d, hsdp_shard=None):
+    """The data-parallel mesh: 1-D (every tensor sharded over every rank), or with `hsdp_shard` N
+    2-D, world / N replicas of N shards (rank r holds shard r % N of replica r // N): the
+    all-gathers and reduce-scatters stay within a group (a node), only the gradient all-reduce
+    of the shards crosses groups."""
+    from torch.distributed.device_mesh import init_device_mesh
+    if hsdp_shard:
+        return init_device_mesh(d.device.type, (d.world // hsdp_shard, hsdp_shard),
+                                mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(d.device.type, (d.world,), mesh_dim_names=("shard",))
+
+
+def shard(model, blocks, mesh, bf16=False, forward_methods=()):
+    """FSDP2: fully_shard each of `blocks`, then `model` (the root: what the blocks leave), so a
+    block's parameters are all-gathered just before it runs and freed after it. Parameters become
+    DTensors holding this rank's shard (the fp32 master weights; an optimizer built afterwards
+    keeps its state sharded beside them). With `bf16` they are gathered in bf16 for compute and
+    the gradients reduce-scattered in fp32. `forward_methods`: methods besides forward that run
+    the model (the root's parameters must be gathered for them too)."""
+    from torch.distributed.fsdp import (MixedPrecisionPolicy, fully_shard,
+                                        register_fsdp_forward_method)
+    # cast_forward_inputs=False: autocast decides the activations' dtypes, as with DDP (FSDP's
+    # default casts every input to bf16: t before its sinusoid, and the joint residual stream)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                              cast_forward_inputs=False) if bf16 else MixedPrecisionPolicy()
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    for name in forward_methods:
+        register_fsdp_forward_method(model, name)
+    # FSDP2 warns that a module returning views (NextDiT's unpatchify) loses its backward hook to
+    # an in-place op on them; the trainers' losses never modify a model's output in place
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    return model
+
+
+def local(t):
+    """This rank's part of t: the local shard of a DTensor, else t itself."""
+    from torch.distributed.tensor import DTensor
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def like(full, target):
+    """A full tensor laid out as `target`: this rank's part of it where target is a DTensor (cut
+    locally, no communication), else the tensor itself."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if not isinstance(target, DTensor):
+        return full
+    return distribute_tensor(full.to(target.device), target.device_mesh, target.placements,
+                             src_data_rank=None)
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8",
+                      torch.bool: "BOOL"}
+
+
+def write_safetensors(path, tensors, main, metadata=None):
+    """{name: tensor or DTensor} -> one safetensors file of full tensors, written by rank 0
+    (`main`) one tensor at a time: the header comes from the global shapes, then each tensor is
+    gathered (DTensor.full_tensor, a collective: every rank calls this), copied to the CPU,
+    written and dropped. So no rank ever holds more than one full tensor beyond its shards."""
+    from torch.distributed.tensor import DTensor
+    header, offset = {}, 0
+    for k, v in tensors.items():
+        n = v.numel() * v.element_size()
+        header[k] = {"dtype": SAFETENSORS_DTYPES[v.dtype], "shape": list(v.shape),
+                     "data_offsets": [offset, offset + n]}
+        offset += n
+    if metadata:
+        header = {"__metadata__": metadata, **header}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)             # the data starts 8-byte aligned, as safetensors'
+    with open(path, "wb") if main else contextlib.nullcontext() as f:
+        if main:
+            f.write(len(blob).to_bytes(8, "little") + blob)
+        for v in tensors.values():
+            full = v.detach().full_tensor() if isinstance(v, DTensor) else v.detach()
+            if main:
+                f.write(full.cpu().contiguous().view(torch.uint8).numpy())
+            del full
+
+
+def read_into(tensors, path):
+    """Copy the full tensors of a safetensors file into `tensors` ({name: tensor or DTensor}, the
+    same names and global shapes; each rank copies its part), reading one tensor at a time.
+    Raises ValueError naming the first misfit."""
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        missing, unknown = set(tensors) - set(f.keys()), set(f.keys()) - set(tensors)
+        if missing or unknown:
+            raise ValueError(f"missing keys {sorted(missing)[:3]}, unexpected keys "
+                             f"{sorted(unknown)[:3]}")
+        for k, dst in tensors.items():
+            shape = tuple(f.get_slice(k).get_shape())
+            if shape != tuple(dst.shape):
+                raise ValueError(f"size mismatch for {k}: {shape} in the file, "
+                                 f"{tuple(dst.shape)} in the model")
+            with torch.no_grad():
+                dst.copy_(like(f.get_tensor(k), dst))
+
+
+def load_full_optimizer(opt, path):
+    """opt.state_dict() saved as a file (full tensors, by parameter index) into `opt`, whose
+    parameters may be sharded: each rank keeps its part. Memory-mapped: a rank reads its part."""
+    sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, state in sd["state"].items():
+        p = params[i]                               # clone: off the mapped file
+        sd["state"][i] = {k: (like(v, p) if v.shape == p.shape else v).clone()
+                          if torch.is_tensor(v) else v for k, v in state.items()}
+    opt.load_state_dict(sd)
+
+
+def save_sharded(folder, model, opt, **extra):
+    """Model, optimizer and `extra` state dicts ({name: tensor or DTensor}) as one
+    torch.distributed.checkpoint in `folder`: every rank writes its shards (in parallel), rank 0
+    the metadata. Keyed by parameter names (the optimizer's too), whatever the wrapping, so a run
+    in either mode, on any number of ranks, loads it (load_sharded). Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    msd, osd = get_state_dict(model, opt)
+    with plain_dcp():
+        dcp.save({"model": msd, "optim": osd, **extra}, checkpoint_id=str(folder),
+                 no_dist=not dist.is_initialized())
+
+
+def load_sharded(folder, model, opt, **extra):
+    """save_sharded's checkpoint into a model, optimizer and `extra` state dicts, in place,
+    resharded to this run's layout (full tensors for a model that is not sharded). Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    msd, osd = get_state_dict(model, opt)    # the template (a fresh optimizer gets its state)
+    sd = {"model": msd, "optim": osd, **extra}
+    with plain_dcp():
+        dcp.load(sd, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+
+@contextlib.contextmanager
+def plain_dcp():
+    """torch.distributed.checkpoint without its warning for one process (meant here) and with its
+    failure (a CheckpointException, not an Exception) as a ValueError: the first rank's error."""
+    from torch.distributed.checkpoint import CheckpointException
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable")
+            yield
+    except CheckpointException as e:
+        error = next(iter(e.failures.values()))[0]
+        raise ValueError(f"{type(error).__name__}: {error}") from None
+
+
+def sharded_problem(folder):
+    """Why a torch.distributed.checkpoint folder cannot be trusted, or None: its metadata
+    unreadable, a shard file it names missing or shorter than the bytes it claims there."""
+    from torch.distributed.checkpoint import FileSystemReader
+    try:
+        meta = FileSystemReader(str(folder)).read_metadata()
+    except Exception as e:
+        return f".metadata is missing, corrupt or truncated ({type(e).__name__})"
+    ends = {}
+    for info in meta.storage_data.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        f = Path(folder) / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size < end:
+            return f"{name} is truncated"
+    return None
 
 
 # -------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """
 Train SVG-T2I's diffusion transformer: flow matching in normalised DINOv3 feature space, captions
-from Gemma-2, torch DDP on one or many nodes, bf16 autocast, the paper's four stages (Table 4).
+from Gemma-2, torch DDP or FSDP2 on one or many nodes, bf16 autocast, the paper's four stages
+(Table 4).
 
     # one node, 8 GPUs, stage 1 (256 px) from scratch
     torchrun --nproc_per_node 8 train.py --stage 1 --data data.jsonl --out runs/s1 \\
@@ -16,6 +17,10 @@ from Gemma-2, torch DDP on one or many nodes, bf16 autocast, the paper's four st
         train.py --stage 1 ...
     # continue a run that stopped (preempted, crashed, killed): bit-exact continuation
     torchrun --nproc_per_node 8 train.py --stage 1 ... --out runs/s1 --resume
+    # GPUs a replica does not fit: FSDP2 shards weights, gradients, AdamW and EMA; --resume works
+    # across modes and world sizes (4 nodes: shard within each, replicate across them)
+    torchrun --nproc_per_node 8 train.py --stage 1 ... --parallel fsdp
+    torchrun --nnodes 4 ... train.py --stage 1 ... --parallel fsdp --hsdp-shard 8
     # tiny everything (model and frozen encoders), on a laptop CPU in seconds
     python train.py --model tiny --data data.jsonl --out runs/tiny
     # the toy model of toy.py: data, frozen parts, decoder, then this same loop
@@ -44,9 +49,10 @@ Where the official trainer (train_svg_t2i.py) is not followed, on purpose:
   continues bit for bit.
 - A missing or unreadable image is replaced by the next record (as upstream's dataset does), but
   with a warning and a count instead of silence.
-- DDP instead of FSDP SHARD_GRAD_OP: plainer, and the 2.6B model's fp32 weights, gradients, AdamW
-  moments and EMA (about 52 GB) fit on one 80 GB GPU next to Gemma in bf16, with
-  activation checkpointing.
+- DDP by default instead of FSDP SHARD_GRAD_OP: plainer, and the 2.6B model's fp32 weights,
+  gradients, AdamW moments and EMA (about 52 GB) fit on one 80 GB GPU next to Gemma in bf16, with
+  activation checkpointing. --parallel fsdp is FULL_SHARD (FSDP2, per block), for smaller GPUs:
+  gradients are reduced in fp32 (upstream: bf16), and the EMA is sharded too.
 """
 
 import argparse
@@ -61,13 +67,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
 from data import Cache, Positions, Records, TrainSet, caption_texts, collate, crops_for
 from nextdit import PRESETS, NextDiT, NextDiTConfig, nextdit_keymap
 from runs import (Dist, HelpFormatter, Progress, UsageError, check_replicas, compute_stats,
-                  fmt_time, open_run, resume_folder, rng_state, save_checkpoint, set_rng_state,
-                  stop_on_signals, truncate_log)
+                  device_mesh, fmt_time, load_full_optimizer, load_sharded, open_run, read_into,
+                  resume_folder, rng_state, save_checkpoint, save_sharded, set_rng_state, shard,
+                  stop_on_signals, truncate_log, write_safetensors)
 from svgt2i import (GEMMA_DIRS, RELEASE_DIRS, SYSTEM_PROMPTS, Autoencoder, TextEncoder,
                     atomic_write, checkpoint_folder, default_folder, find_weights,
                     flow_matching_loss, load_autoencoder, load_dinov3, load_gemma2,
@@ -102,9 +108,12 @@ TINY_STAGE = dict(global_batch=16, steps=100, save_every=50, log_every=10, worke
 TOY_STAGE = dict(resolution=64, global_batch=64, steps=2200, lr=1e-3, ema_decay=0.999,
                  save_every=250, log_every=50, workers=0)
 
-# What a checkpoint folder holds; --resume checks each before trusting the checkpoint.
-CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.pt", "state.pt", "run.json",
-                    "latent_stats.pt")
+# What a checkpoint folder holds; --resume checks each before trusting the checkpoint. The
+# safetensors hold full tensors in every mode (what sample.py and --init-from read); then
+# optimizer.pt (ddp) or dcp/ (fsdp: the sharded model, optimizer and EMA, torch.distributed.
+# checkpoint). Either resumes in either mode, on any number of ranks.
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.pt|dcp", "state.pt",
+                    "run.json", "latent_stats.pt")
 FROZEN = ("autoencoder", "dinov3", "gemma")    # the frozen parts a run records
 ADAM_BETAS, ADAM_EPS = (0.9, 0.95), 1e-15  # upstream's AdamW; a constant lr (no warm-up, schedule)
 T_BINS = 10                                # loss is logged per t-bin: [0, 0.1), ..., [0.9, 1]
@@ -120,8 +129,9 @@ class Frozen:
     """The frozen encoders, loaded on first use (a run that reads a complete cache never
     loads them)."""
 
-    def __init__(self, paths, device, text_dtype):
+    def __init__(self, paths, device, text_dtype, mesh=None):
         self.paths, self.device, self.text_dtype = paths, device, text_dtype
+        self.mesh = mesh                # --shard-text-encoder: Gemma sharded over it (FSDP2)
         self._encoder, self._text = None, None
 
     @property
@@ -147,6 +157,8 @@ class Frozen:
     def text(self):
         if self._text is None:
             model = load_gemma2(self.paths["gemma"], device=self.device, dtype=self.text_dtype)
+            if self.mesh is not None:     # every rank encodes every micro-batch: in step
+                shard(model, model.layers, self.mesh, forward_methods=("encode",))
             self._text = TextEncoder(load_tokenizer(self.paths["gemma"]), model)
         return self._text
 
@@ -353,19 +365,21 @@ def load_init_weights(model, file, d):
 
 
 def resume(folder, model, ema, opt, args, d):
-    """Model, EMA, optimizer and run state from a checkpoint. Returns
+    """Model, EMA, optimizer and run state from a checkpoint of either mode, into this run's
+    (sharded or not: each rank keeps its part). Returns
     (step, position, ema updates, this rank's skipped-image count)."""
     device = d.device
     try:
-        model.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(device)))
-    except RuntimeError as e:
+        if (folder / "dcp").is_dir():       # --parallel fsdp's: resharded to this run's layout
+            load_sharded(folder / "dcp", model, opt, ema=ema)
+        else:
+            read_into(model.state_dict(), folder / "model.safetensors")
+            read_into(ema, folder / "ema.safetensors")
+            load_full_optimizer(opt, folder / "optimizer.pt")
+    except (RuntimeError, ValueError) as e:
         raise UsageError(f"--resume {folder}: the checkpoint does not fit --model {args.model} "
-                         f"({str(e).splitlines()[0]}): pass the run's "
+                         f"({str(e).strip().splitlines()[0]}): pass the run's "
                          "--model/--model-config") from None
-    for k, v in load_file(str(folder / "ema.safetensors"), device=str(device)).items():
-        ema[k].copy_(v)
-    opt.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device,
-                                   weights_only=True))
     for group in opt.param_groups:    # the command line wins (upstream resets lr and wd on resume)
         group.update(lr=args.lr, weight_decay=args.weight_decay, betas=ADAM_BETAS, eps=ADAM_EPS)
     state = torch.load(folder / "state.pt", weights_only=True)
@@ -547,6 +561,15 @@ def parse_args(argv=None):
                    help="DiT autocast (master weights stay fp32); auto: bf16 on GPU, fp32 on CPU")
     g.add_argument("--text-dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="Gemma dtype; auto: bf16 on GPU (as upstream), fp32 on CPU")
+    g.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
+                   help="ddp: a full replica per rank; fsdp: FSDP2, weights, gradients, AdamW "
+                        "and EMA sharded over the ranks (for models a replica does not fit)")
+    g.add_argument("--hsdp-shard", type=int, default=None, metavar="N",
+                   help="with --parallel fsdp: shard within groups of N ranks (a node), "
+                        "replicate across the groups")
+    g.add_argument("--shard-text-encoder", action="store_true",
+                   help="shard the frozen Gemma over the ranks too (FSDP2; default: a bf16 "
+                        "copy per rank)")
     g.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="activation checkpointing of the joint blocks (default: on, off for "
                         "--model tiny)")
@@ -713,10 +736,33 @@ def batch_plan(args, d):
     return local, local // args.micro_batch
 
 
+def parallel_plan(args, d):
+    """--parallel, --hsdp-shard and --shard-text-encoder checked against the world size; the
+    device mesh (d.mesh) when anything is sharded."""
+    sharded = args.parallel == "fsdp" or args.shard_text_encoder
+    if sharded and d.world == 1:
+        flag = "--parallel fsdp" if args.parallel == "fsdp" else "--shard-text-encoder"
+        raise UsageError(f"{flag} shards over processes: run it under torchrun with 2 or more "
+                         "(one process trains the same with --parallel ddp and resumes any "
+                         "checkpoint)")
+    if args.hsdp_shard is not None:
+        sizes = [n for n in range(1, d.world + 1) if d.world % n == 0]
+        if args.parallel != "fsdp":
+            raise UsageError("--hsdp-shard needs --parallel fsdp")
+        if args.hsdp_shard not in sizes:
+            raise UsageError(f"--hsdp-shard {args.hsdp_shard} does not divide the world size "
+                             f"{d.world}: pass one of {', '.join(map(str, sizes))}")
+    if args.shard_text_encoder and args.cache:
+        raise UsageError("--shard-text-encoder cannot fill a --cache (each rank encodes records "
+                         "of its own): fill the cache in a run without it")
+    if sharded:
+        d.mesh = device_mesh(d, args.hsdp_shard)
+
+
 def setup_frozen(args, d, out, records, crops, sources, text_dtype):
     """The frozen encoders, the feature cache and the latent statistics (computed if not given)."""
     paths = frozen_paths(args, d, out, records, sources)
-    frozen = Frozen(paths, d.device, text_dtype)
+    frozen = Frozen(paths, d.device, text_dtype, d.mesh if args.shard_text_encoder else None)
     cache = open_cache(args, d, records, crops, frozen) if args.cache else None
     if not paths["stats"]:
         paths["stats"] = str(out / "latent_stats.pt")
@@ -735,11 +781,11 @@ def setup_frozen(args, d, out, records, crops, sources, text_dtype):
     return frozen, cache, stats, text_dim, paths
 
 
-def build_model(args, config, d, init_file):
-    """NextDiT (initialised from --seed, then --init-from), its trainable parameters, AdamW and an
-    fp32 EMA of every tensor."""
+def build_model(args, config, d, init_file, bf16):
+    """NextDiT (initialised from --seed, then --init-from; with --parallel fsdp then sharded), its
+    trainable parameters, AdamW and an fp32 EMA of every tensor (sharded as the weights are)."""
     torch.manual_seed(args.seed)
-    with torch.device(d.device):
+    with torch.device(d.device):    # whole on every rank first: the same init as unsharded
         model = NextDiT(config)
     model.grad_checkpointing = args.checkpointing
     # `norm_final` is in every checkpoint but unused by forward: frozen, or DDP waits for its
@@ -747,9 +793,14 @@ def build_model(args, config, d, init_file):
     model.norm_final.requires_grad_(False)
     if init_file is not None:
         load_init_weights(model, init_file, d)
+    if args.parallel == "fsdp":
+        shard(model, [*model.noise_refiner, *model.context_refiner, *model.layers], d.mesh, bf16)
     params = [p for p in model.parameters() if p.requires_grad]
+    # AdamW's default per-tensor loop is slow on DTensors; foreach computes the same bits
+    impl = ({"fused": True} if d.device.type == "cuda" else
+            {"foreach": True} if args.parallel == "fsdp" else {})
     opt = torch.optim.AdamW(params, lr=args.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
-                            weight_decay=args.weight_decay, fused=d.device.type == "cuda")
+                            weight_decay=args.weight_decay, **impl)
     ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
     return model, params, opt, ema
 
@@ -776,28 +827,30 @@ def run_record(args, paths, config):
 
 
 def save(d, out, model, ema, opt, counters, skipped, run_info, stats_path, args):
-    """OUT/ckpt-{step:07d}/: {model,ema}.safetensors (official key names), optimizer.pt, state.pt
-    (counters, every rank's generators and skipped count), run.json, latent_stats.pt."""
-    check_replicas(model, d)
+    """OUT/ckpt-{step:07d}/: {model,ema}.safetensors (full tensors, official key names),
+    optimizer.pt (ddp) or dcp/ (fsdp: every rank writes its shards), state.pt (counters, every
+    rank's generators and skipped count), run.json, latent_stats.pt. Every rank calls it."""
+    sharded = args.parallel == "fsdp"
+    check_replicas(model, d, shards=(args.hsdp_shard or d.world) if sharded else 1)
     per_rank = d.gather((rng_state(d.device), skipped))
-    if not d.main:
-        return d.barrier()
     step, meta = counters["step"], {"format": "pt", "step": str(counters["step"])}
     state = {**counters, "world_size": d.world, "rng": [r for r, _ in per_rank],
-             "skipped": [n for _, n in per_rank], "seed": args.seed, "resolution": args.resolution}
+             "skipped": [n for _, n in per_rank], "seed": args.seed, "resolution": args.resolution,
+             "parallel": args.parallel}
 
-    def write(folder):
-        weights = {k: v.detach().to("cpu", copy=True).contiguous()
-                   for k, v in model.state_dict().items()}
-        save_file(weights, str(folder / "model.safetensors"), metadata=meta)
-        save_file({k: v.cpu().contiguous() for k, v in ema.items()},
-                  str(folder / "ema.safetensors"), metadata=meta)
-        torch.save(opt.state_dict(), folder / "optimizer.pt")
-        torch.save(state, folder / "state.pt")
-        shutil.copyfile(stats_path, folder / "latent_stats.pt")
-        (folder / "run.json").write_text(json.dumps({**run_info, "step": step}, indent=1))
-    d.log(f"saved {save_checkpoint(out, step, write, args.keep)}")
-    d.barrier()
+    def write(folder):      # on every rank: the full files are gathered tensor by tensor
+        write_safetensors(folder / "model.safetensors", model.state_dict(), d.main, meta)
+        write_safetensors(folder / "ema.safetensors", ema, d.main, meta)
+        if sharded:
+            save_sharded(folder / "dcp", model, opt, ema=ema)
+        elif d.main:
+            torch.save(opt.state_dict(), folder / "optimizer.pt")
+        if d.main:
+            torch.save(state, folder / "state.pt")
+            shutil.copyfile(stats_path, folder / "latent_stats.pt")
+            (folder / "run.json").write_text(json.dumps({**run_info, "step": step}, indent=1))
+    folder = save_checkpoint(out, step, write, args.keep, d)
+    d.log(f"saved {folder}")
 
 
 def train(args):
@@ -811,6 +864,7 @@ def train(args):
     precision = auto if args.precision == "auto" else args.precision
     text_dtype = dtypes[auto if args.text_dtype == "auto" else args.text_dtype]
     local, accum = batch_plan(args, d)
+    parallel_plan(args, d)
     out, resume_dir, init_file = open_folders(args, d)
 
     # Frozen parts: given, else from the run we continue or start from, else (tiny) made here
@@ -822,16 +876,18 @@ def train(args):
 
     # Model, EMA, optimiser: the same init on every rank (and DDP broadcasts rank 0's anyway)
     config = build_config(args, stats.channels, text_dim)
-    model, params, opt, ema = build_model(args, config, d, init_file)
+    model, params, opt, ema = build_model(args, config, d, init_file, precision == "bf16")
     n_params = sum(p.numel() for p in params)
 
     # Resume
     step, position, ema_updates, skipped = 0, 0, 0, 0   # skipped: this rank's unreadable images
     if resume_dir is not None:
         step, position, ema_updates, skipped = resume(resume_dir, model, ema, opt, args, d)
-    ddp = model if d.world == 1 else torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None,
-        gradient_as_bucket_view=True)
+    ddp = model                     # with --parallel fsdp the sharded model is called as it is
+    if d.world > 1 and args.parallel == "ddp":
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            gradient_as_bucket_view=True)
     run_info = run_record(args, paths, config)
 
     # Data: this rank's slice of the global positions still to come
@@ -857,11 +913,14 @@ def train(args):
                 x1, cap_feats, cap_mask = prepare_batch(items, frozen, stats, cache,
                                                         args.max_text_len, device, text_dtype)
                 t, noise = draw_t_and_noise(items, x1, shift_len, device)
-                sync = ddp.no_sync() if d.world > 1 and k < accum - 1 else contextlib.nullcontext()
+                # DDP syncs the last micro-batch only; FSDP reduce-scatters each (its no_sync
+                # would hold every block's full gradient until the last)
+                sync = (ddp.no_sync() if ddp is not model and k < accum - 1
+                        else contextlib.nullcontext())
                 with sync:
                     with autocast:
                         losses = flow_matching_loss(ddp, x1, noise, t, cap_feats, cap_mask)  # [B]
-                    (losses.sum() / local).backward()   # all-reduced: the global batch's mean
+                    (losses.sum() / local).backward()   # averaged over ranks: the global mean
                 meter.add_losses(losses.detach(), t)
                 meter.flops += train_flops(config, n_params, cap_mask.sum(1).tolist(),
                                            [x[0].numel() for x in x1])

@@ -6,9 +6,11 @@ launch it) or use `instruments` in-process:
 --kill-after-step N  SIGKILL this process when step N + 1 begins its update (step N is logged and, if it is a
                      save step, checkpointed), to prove that a killed run resumes exactly
 --dump-grads         save every step's gradients of the global mean loss (all-reduced, before clipping) as
-                     OUT/grads-{step:07d}-rank{r}.safetensors, keys p000, p001, ... in parameter order
+                     OUT/grads-{step:07d}-rank{r}.safetensors, keys p000, p001, ... in parameter order (full
+                     tensors: with --parallel fsdp every rank gathers each sharded gradient)
 
-Both hook torch.nn.utils.clip_grad_norm_, which train.py calls once per optimizer step, after backward.
+Both hook torch.nn.utils.clip_grad_norm_, which train.py calls once per optimizer step, after backward; steps
+are numbered as the run numbers them (a resumed run counts on from its checkpoint).
 """
 
 import argparse
@@ -22,10 +24,22 @@ import torch
 from safetensors.torch import save_file
 
 
+def full(t):
+    """A full tensor from a DTensor (all ranks gather it), else t."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 @contextlib.contextmanager
 def instruments(out, kill_after_step=None, dump_grads=False):
-    clip = torch.nn.utils.clip_grad_norm_
+    import train
+    clip, resume = torch.nn.utils.clip_grad_norm_, train.resume
     step = [0]
+
+    def resumed(*args, **kwargs):       # steps count on from the checkpoint's
+        got = resume(*args, **kwargs)
+        step[0] = got[0]
+        return got
 
     def hooked(params, *args, **kwargs):
         params = list(params)
@@ -34,16 +48,16 @@ def instruments(out, kill_after_step=None, dump_grads=False):
             os.kill(os.getpid(), signal.SIGKILL)
         if dump_grads:
             rank = os.environ.get("RANK", "0")
-            grads = {f"p{i:03d}": p.grad.detach().cpu().contiguous() for i, p in enumerate(params)
-                     if p.grad is not None}
+            grads = {f"p{i:03d}": full(p.grad).detach().cpu().contiguous()
+                     for i, p in enumerate(params) if p.grad is not None}
             save_file(grads, str(Path(out) / f"grads-{step[0]:07d}-rank{rank}.safetensors"))
         return clip(params, *args, **kwargs)
 
-    torch.nn.utils.clip_grad_norm_ = hooked
+    torch.nn.utils.clip_grad_norm_, train.resume = hooked, resumed
     try:
         yield
     finally:
-        torch.nn.utils.clip_grad_norm_ = clip
+        torch.nn.utils.clip_grad_norm_, train.resume = clip, resume
 
 
 def main():
