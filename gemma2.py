@@ -465,17 +465,21 @@ class Gemma2Tokenizer:
 
 
 def train_tokenizer(texts, model_prefix, vocab_size=512):
-    """Train a small sentencepiece BPE model with Gemma's conventions
-    (the tiny and toy text encoders): <pad> 0, <eos> 1, <bos> 2, <unk> 3, byte fallback, digits
-    split, no dummy prefix, whitespace kept. Returns the .model path
-    (the .vocab listing sentencepiece writes beside it is removed: nothing reads it)."""
+    """Train a small sentencepiece BPE model with Gemma's conventions (the tiny and toy text
+    encoders): <pad> 0, <eos> 1, <bos> 2, <unk> 3, byte fallback, digits split, no dummy prefix,
+    whitespace kept. Writes and returns MODEL_PREFIX.model. The model is trained in memory, so it
+    records no file name (sentencepiece would keep the path it was written to in its spec)."""
+    import io
+
     import sentencepiece as spm
+    buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(texts)), model_prefix=model_prefix, model_type="bpe",
+        sentence_iterator=iter(list(texts)), model_writer=buf, model_type="bpe",
         vocab_size=vocab_size, hard_vocab_limit=False, character_coverage=1.0, byte_fallback=True,
         split_digits=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
         normalization_rule_name="identity", allow_whitespace_only_pieces=True, pad_id=0, eos_id=1,
         bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
         unk_piece="<unk>", num_threads=1, minloglevel=2)
-    os.remove(model_prefix + ".vocab")
+    with open(model_prefix + ".model", "wb") as f:
+        f.write(buf.getvalue())
     return model_prefix + ".model"

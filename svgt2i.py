@@ -262,10 +262,13 @@ class SVGT2I:
                  offload=False, progress=None, **overrides):
         """Generate one image per prompt. `sampling` (a Sampling) and `overrides`
         (its field names, e.g. steps=25, cfg=2.0) set the sampler. Image k starts from
-        randn(1, C, H/16, W/16) drawn on the CPU with seed + k, so a seed gives the same image on
-        any device and in any batch."""
+        randn(1, C, H/16, W/16) drawn on the CPU with seed + k (or seed[k], given a list), so a
+        seed gives the same image on any device and in any batch."""
         s = replace(sampling or Sampling(), **overrides)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        seeds = [seed + k for k in range(len(prompts))] if isinstance(seed, int) else list(seed)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         check_image_size(height, width)
         if s.solver not in SAMPLERS:
             raise ValueError(f"unknown solver {s.solver!r}: choose one of {', '.join(SAMPLERS)}")
@@ -282,7 +285,7 @@ class SVGT2I:
             idx = list(range(start, min(start + batch_size, n)))
             rows = idx + [n + i for i in idx] if guidance.active else idx
             noise = torch.cat([torch.randn([1, C, height // 16, width // 16],
-                                           generator=torch.Generator().manual_seed(seed + k))
+                                           generator=torch.Generator().manual_seed(seeds[k]))
                                for k in idx])                          # [b, C, H/16, W/16]
             velocity = guided_velocity(self.dit, feats[rows], mask[rows], guidance,
                                        dtype=self.dtype)
@@ -595,9 +598,10 @@ def find_weights(ckpt_dir, gemma_dir=None, dit=None, autoencoder=None, dinov3=No
         with open(os.path.join(ckpt_dir, "run.json")) as f:
             run = {k: (v if v is None or os.path.isabs(v) else os.path.join(ckpt_dir, v))
                    for k, v in json.load(f).get("frozen", {}).items()}
-    dits = ["ema.safetensors", "model.safetensors", "consolidated.00-of-01.pth",
-            "consolidated_ema.00-of-01.pth", "dit-*/consolidated.00-of-01.pth",
-            "dit-*/consolidated_ema.00-of-01.pth"]
+    # the EMA weights first, as the official sampler's --ema intends
+    dits = ["ema.safetensors", "model.safetensors", "consolidated_ema.00-of-01.pth",
+            "consolidated.00-of-01.pth", "dit-*/consolidated_ema.00-of-01.pth",
+            "dit-*/consolidated.00-of-01.pth"]
     autoencoders = ["autoencoder.safetensors", "autoencoder/svg_autoencoder-P-*.ckpt",
                     "autoencoder/svg_autoencoder*.ckpt", "autoencoder/*.ckpt"]
     dinov3s = ["dinov3.safetensors", "dinov3_vits16plus_pretrain_lvd1689m-*.pth"]
@@ -833,9 +837,9 @@ def load_gemma2(folder, device="cpu", dtype=torch.bfloat16, attn_softcap=False):
     return build(Gemma2, config, sd, folder, "model.", device, dtype).requires_grad_(False)
 
 
-# In a checkpoint folder the official trainer writes both; the official sampler always
-# loads the first.
-NEXTDIT_FILES = ("consolidated.00-of-01.pth", "consolidated_ema.00-of-01.pth")
+# In a checkpoint folder the official trainer writes both: the EMA weights are preferred (what the
+# official sampler's --ema asks for, though its code then loads the other file).
+NEXTDIT_FILES = ("consolidated_ema.00-of-01.pth", "consolidated.00-of-01.pth")
 
 
 def nextdit_from_state_dict(sd, device="cpu", dtype=torch.bfloat16, source="NextDiT checkpoint"):
