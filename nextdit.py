@@ -546,15 +546,8 @@ _WRAPPER_INFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_or
 
 
 def nextdit_keymap(obj):
-    """An official consolidated state dict -> ours: unwrap {"model": sd} / {"ema": sd} /
-    {"state_dict": sd} ("model" first: what the official sampler's --direct_ckpt path loads) and
-    strip wrapper prefixes."""
-    while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        inner = next((obj[k] for k in ("model", "ema", "state_dict")
-                      if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
-            break
-        obj = inner
+    """An official consolidated state dict -> ours: the wrapper prefixes stripped (svgt2i's reader
+    has already unwrapped {"model": sd} and the like)."""
     if not isinstance(obj, Mapping):
         raise ValueError(f"a NextDiT checkpoint must hold a state dict, got {type(obj).__name__}")
     sd = {}

@@ -712,8 +712,9 @@ def _read_hf_folder(folder):
 def read_state_dict(path):
     """The one file reader: {name: tensor} of a checkpoint, without copying it. A .safetensors
     file, a torch file (.pth, .pt, .ckpt: memory-mapped, weights_only) or a Hugging Face folder
-    (model.safetensors or its sharded index). Lightning's {"state_dict": ...} and the trainers'
-    {"model": ...} / {"ema": ...} are unwrapped. Every failure is one line naming the file."""
+    (model.safetensors or its sharded index). The trainers' {"model": ...} / {"ema": ...} ("model"
+    first: what the official sampler's --direct_ckpt path loads) and Lightning's
+    {"state_dict": ...} are unwrapped. Every failure is one line naming the file."""
     path = os.fspath(path)
     if os.path.isdir(path):
         return _read_hf_folder(path)
@@ -721,7 +722,7 @@ def read_state_dict(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     obj = _read_safetensors(path) if path.endswith(".safetensors") else _read_torch(path)
     while isinstance(obj, dict) and not any(torch.is_tensor(v) for v in obj.values()):
-        inner = next((obj[k] for k in ("state_dict", "model", "ema")
+        inner = next((obj[k] for k in ("model", "ema", "state_dict")
                       if isinstance(obj.get(k), dict)), None)
         if inner is None:
             break
