@@ -126,6 +126,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=1, help="images sampled together")
     p.add_argument("--offload", action="store_true",
                    help="move Gemma to the CPU once captions are encoded")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each DiT block (regional; the first step compiles)")
     p.add_argument("--out", default=None,
                    help="output PNG (with several images: name_00000.png, ...)")
     p.add_argument("--outdir", default=None, help="output folder (default: samples/)")
@@ -184,6 +186,8 @@ def load_pipeline(args, ckpt, device, dtype):
     t0 = time.time()
     pipe = SVGT2I.from_pretrained(ckpt, args.gemma, device=device, dtype=dtype, dit=args.dit,
                                   autoencoder=args.autoencoder, stats=args.stats)
+    if args.compile:
+        pipe.compile()
     print(f"loaded {ckpt} on {device} ({str(dtype).replace('torch.', '')}) in "
           f"{time.time() - t0:.1f}s", file=sys.stderr)
     return pipe
