@@ -159,6 +159,8 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, default=1, help="images sampled together (default 1)")
     g.add_argument("--offload", action="store_true", help="move Gemma to the CPU once captions "
                    "are encoded")
+    g.add_argument("--compile", action="store_true", help="torch.compile each DiT block "
+                   "(regional; the first step compiles)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="output .png (with several images: "
                    "NAME_00000.png, ...)")
@@ -382,6 +384,8 @@ def load_pipeline(args, ckpt, gemma, device, dtype):
     files = find_weights(ckpt, gemma, dit=args.dit, autoencoder=args.autoencoder, stats=args.stats)
     pipe = SVGT2I.from_pretrained(ckpt, gemma, device=device, dtype=dtype, dit=args.dit,
                                   autoencoder=args.autoencoder, stats=args.stats)
+    if args.compile:
+        pipe.compile()
     print(f"loaded {files['dit']} (+ autoencoder, statistics, Gemma) on {device} "
           f"({str(dtype).replace('torch.', '')}) in {time.time() - t0:.1f}s", file=sys.stderr)
     return pipe

@@ -162,30 +162,37 @@ class Guidance:
         return self.scale != 1.0
 
 
-def guided_velocity(model, cap_feats, cap_mask, guidance, dtype=None):
+def guided_velocity(model, cap_feats, cap_mask, guidance, dtype=None, split=False):
     """Return velocity(x, t) for the samplers. With guidance on, `cap_feats`/`cap_mask` hold the B
-    conditional rows followed by the B unconditional rows, and one batched forward computes both.
-    What does not change between steps (the refined captions, RoPE tables, masks: NextDiT.context)
-    is computed once."""
+    conditional rows followed by the B unconditional rows, and one batched forward computes both;
+    split=True runs them as two forwards instead, each padded only within itself, so with one
+    image per batch neither needs an attention mask (the shorter negative caption is otherwise
+    padded and masked). Same result up to rounding; which is faster is for a GPU to say
+    (bench/bench_gpu.py). What does not change between steps (the refined captions, RoPE tables,
+    masks: NextDiT.context) is computed once per row range."""
     contexts = {}
 
-    def context(rows, x):
+    def forward(x, t, rows):
+        # x [b - a, C, h, w] in the model's dtype, for caption rows a..b-1
+        a, b = rows
         key = (rows, tuple(x.shape[2:]))
         if key not in contexts:
-            contexts[key] = model.context(cap_feats[:rows], cap_mask[:rows],
-                                          [tuple(x.shape[2:])] * rows)
-        return contexts[key]
+            contexts[key] = model.context(cap_feats[a:b], cap_mask[a:b],
+                                          [tuple(x.shape[2:])] * (b - a))
+        tt = torch.full((b - a,), t, device=x.device, dtype=torch.float32)
+        return model(x, tt, context=contexts[key])
 
     def velocity(x, t):
         B = x.shape[0]
         xin = x.to(dtype) if dtype is not None else x
         if not guidance.active or t >= guidance.trunc:
-            tt = torch.full((B,), t, device=x.device, dtype=torch.float32)
-            return model(xin, tt, context=context(B, x)).to(x.dtype)
-        tt = torch.full((2 * B,), t, device=x.device, dtype=torch.float32)
-        out = model(torch.cat([xin, xin]), tt, context=context(2 * B, x))      # [2B, C, h, w]
-        out = out.to(x.dtype)
-        cond, uncond = out.chunk(2)
+            return forward(xin, t, (0, B)).to(x.dtype)
+        if split:
+            cond, uncond = forward(xin, t, (0, B)), forward(xin, t, (B, 2 * B))
+            cond, uncond = cond.to(x.dtype), uncond.to(x.dtype)
+        else:
+            out = forward(torch.cat([xin, xin]), t, (0, 2 * B))               # [2B, C, h, w]
+            cond, uncond = out.to(x.dtype).chunk(2)
         g = uncond + guidance.scale * (cond - uncond)
         if guidance.renorm > 0:
             dims = tuple(range(1, g.dim()))
@@ -257,13 +264,19 @@ class SVGT2I:
             texts += [sp + negative_prompt if negative_prompt else ""] * len(prompts)
         return self.text_encoder(texts)
 
+    def compile(self, **kwargs):
+        """torch.compile the DiT, block by block (NextDiT.compile_blocks). Returns self."""
+        self.dit.compile_blocks(**kwargs)
+        return self
+
     @torch.no_grad()
     def generate(self, prompts, height=1024, width=1024, seed=0, sampling=None, batch_size=1,
-                 offload=False, progress=None, **overrides):
+                 offload=False, progress=None, split_cfg=False, **overrides):
         """Generate one image per prompt. `sampling` (a Sampling) and `overrides`
         (its field names, e.g. steps=25, cfg=2.0) set the sampler. Image k starts from
         randn(1, C, H/16, W/16) drawn on the CPU with seed + k (or seed[k], given a list), so a
-        seed gives the same image on any device and in any batch."""
+        seed gives the same image on any device and in any batch. split_cfg: cond and uncond as two
+        forwards (guided_velocity's split)."""
         s = replace(sampling or Sampling(), **overrides)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         seeds = [seed + k for k in range(len(prompts))] if isinstance(seed, int) else list(seed)
@@ -288,7 +301,7 @@ class SVGT2I:
                                            generator=torch.Generator().manual_seed(seeds[k]))
                                for k in idx])                          # [b, C, H/16, W/16]
             velocity = guided_velocity(self.dit, feats[rows], mask[rows], guidance,
-                                       dtype=self.dtype)
+                                       dtype=self.dtype, split=split_cfg)
             cb = (lambda i, N: progress(idx, i, N)) if progress else None
             z = SAMPLERS[s.solver](velocity, noise.to(self.device), s.steps, s.shift, callback=cb)
             images += tensor_to_images(self.autoencoder.decode(self.stats.denormalize(z)))
