@@ -6,6 +6,8 @@ Sample images from SVG-T2I.
     python sample.py --toy --prompt "two red circles on the left" --out shapes.png
     python sample.py --prompts geneval_metadata.jsonl --layout geneval --outdir eval/ --ckpt ...
     python sample.py --reconstruct in.png --out rec.png --ckpt pre-trained  # what the AE keeps
+    python sample.py --toy --init-image in.png --strength 0.8 --prompt "two blue circles"
+    python sample.py --prompt "a cat" --enhance --ckpt ...    # rewritten by Gemma-2 first
 
 Every PNG carries its prompt, seed and sampler settings as PNG text metadata. Errors in the input
 (sizes, files, prompt files) print one line and exit with code 2.
@@ -25,6 +27,9 @@ from PIL.PngImagePlugin import PngInfo
 # The official evaluation scripts look for the prompt under these fields, in this order.
 PROMPT_FIELDS = ("refined_prompt", "prompt", "gpt_4_caption", "caption", "text", "description",
                  "query")
+
+
+EDIT_STRENGTH = 0.8     # --strength's default (the README's toy measurement)
 
 
 class UsageError(Exception):
@@ -117,7 +122,7 @@ def parse_args(argv=None):
     p.add_argument("--dit", default=None, help="override: DiT weights file")
     p.add_argument("--autoencoder", default=None, help="override: autoencoder checkpoint")
     p.add_argument("--dinov3", default=None,
-                   help="override: DINOv3 weights (only for --reconstruct)")
+                   help="override: DINOv3 weights (only for --reconstruct and editing)")
     p.add_argument("--stats", default=None, help="override: latent statistics file")
     p.add_argument("--toy", action="store_true", help="use the bundled toy model (assets/toy)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -133,6 +138,21 @@ def parse_args(argv=None):
                    help="geneval: {index:05d}/metadata.jsonl and {index:05d}/samples/{k:05d}.png")
     p.add_argument("--reconstruct", default=None, metavar="IMAGE",
                    help="encode and decode IMAGE with the autoencoder instead of sampling")
+    p.add_argument("--init-image", default=None, metavar="IMAGE",
+                   help="image-to-image: edit IMAGE with the prompt (fitted to the size, encoded, "
+                        "noised to the --strength point, then sampled)")
+    p.add_argument("--init-images", default=None, metavar="DIR",
+                   help="edit every image of DIR (sorted by name), with one prompt for all or one "
+                        "per image")
+    p.add_argument("--strength", type=float, default=None,
+                   help="the fraction of the steps an edit runs: 1 = text-to-image from the seed, "
+                        f"0 = the autoencoder's reconstruction (default {EDIT_STRENGTH})")
+    p.add_argument("--mask", default=None, metavar="MASK",
+                   help="edit only where MASK (an image the init image's size) is white, in "
+                        "16-px tokens; black tokens are kept")
+    p.add_argument("--enhance", action="store_true",
+                   help="rewrite each prompt with Gemma-2 first (the official enhancer) and "
+                        "condition on the 'align' system prompt (unless --system-prompt)")
     p.add_argument("--score", type=int, nargs="?", const=180, default=None, metavar="N",
                    help="toy model: generate N held-out prompts of the shapes world and print the "
                         "prompt-following "
@@ -177,13 +197,15 @@ def resolve_settings(args, ckpt):
     return height, width
 
 
-def load_pipeline(args, ckpt, device, dtype):
-    """SVGT2I.from_pretrained with the command line's per-file overrides; prints the load time."""
+def load_pipeline(args, ckpt, device, dtype, with_encoder=False):
+    """SVGT2I.from_pretrained with the command line's per-file overrides; prints the load time.
+    with_encoder: also DINOv3 (editing; --dinov3 overrides)."""
     from svgt2i import SVGT2I
 
     t0 = time.time()
     pipe = SVGT2I.from_pretrained(ckpt, args.gemma, device=device, dtype=dtype, dit=args.dit,
-                                  autoencoder=args.autoencoder, stats=args.stats)
+                                  autoencoder=args.autoencoder, stats=args.stats,
+                                  dinov3=args.dinov3, with_encoder=with_encoder)
     print(f"loaded {ckpt} on {device} ({str(dtype).replace('torch.', '')}) in "
           f"{time.time() - t0:.1f}s", file=sys.stderr)
     return pipe
@@ -195,6 +217,31 @@ def sampler_kwargs(args, height, width):
 
     return dict(height=height, width=width,
                 sampling=Sampling(**{k: getattr(args, k) for k in Sampling.names()}))
+
+
+def edit_inputs(args, prompts, height, width):
+    """--init-image(s), --strength and --mask: (prompts, one init image path per prompt, the
+    SVGT2I.generate keywords), checked before anything is loaded; (prompts, None, {}) without
+    an init image."""
+    from svgt2i import pair_edits, prepare_edit, read_image, read_images
+
+    if args.init_image and args.init_images:
+        raise UsageError("use either --init-image or --init-images, not both")
+    if (args.init_image or args.init_images) and args.layout != "flat":
+        raise UsageError("editing writes the flat layout: drop --layout")
+    if not (args.init_image or args.init_images):
+        if args.strength is not None or args.mask:
+            raise UsageError("--strength and --mask need --init-image or --init-images")
+        return prompts, None, {}
+    pairs = ([(args.init_image, read_image(args.init_image))] if args.init_image
+             else read_images(args.init_images))
+    prompts, pairs = pair_edits(prompts, pairs)
+    kw = dict(init_images=[im for _, im in pairs],
+              strength=EDIT_STRENGTH if args.strength is None else args.strength)
+    if args.mask:
+        kw["mask"] = read_image(args.mask, "L")
+    prepare_edit(len(prompts), height, width, args.steps, **kw)     # bad strength, mask size
+    return prompts, [path for path, _ in pairs], kw
 
 
 def score_toy(args, ckpt, device, dtype, height, width):
@@ -258,6 +305,9 @@ def run(args):
         print(f"wrote {args.out}", file=sys.stderr)
         return
 
+    if args.enhance and args.system_prompt is None:
+        from svgt2i import ENHANCE_SYSTEM_PROMPT
+        args.system_prompt = ENHANCE_SYSTEM_PROMPT
     height, width = resolve_settings(args, ckpt)
 
     if args.score is not None:
@@ -274,8 +324,14 @@ def run(args):
     n = args.n or (4 if args.layout == "geneval" else 1)
     if n < 1 or args.steps < 1 or args.batch_size < 1:
         raise UsageError("--n, --steps and --batch-size must be positive")
+    prompts, init_paths, edit = edit_inputs(args, prompts, height, width)
 
-    pipe = load_pipeline(args, ckpt, device, dtype)
+    pipe = load_pipeline(args, ckpt, device, dtype, with_encoder=bool(edit))
+    enhanced = {}
+    if args.enhance:     # each distinct prompt once, before any image
+        enhanced = {p: pipe.enhance_prompt(p) for p in dict.fromkeys(prompts)}
+        for p, e in enhanced.items():
+            print(f"enhanced prompt: {p!r} -> {e!r}", file=sys.stderr)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
     print(f"seed {seed}", file=sys.stderr)
 
@@ -290,15 +346,24 @@ def run(args):
         print(f"\rimages {idx[0] + 1}-{idx[-1] + 1}/{len(all_prompts)}  step {i}/{N}",
               end="" if i < N else "\n", file=sys.stderr, flush=True)
 
+    if edit:
+        edit["init_images"] = [im for im in edit["init_images"] for _ in range(n)]
+        settings.update(strength=edit["strength"], **({"mask": args.mask} if args.mask else {}))
+
     t0 = time.time()
-    images = pipe.generate(all_prompts, seed=seed, batch_size=args.batch_size,
-                           offload=args.offload, progress=progress,
-                           **sampler_kwargs(args, height, width))
+    images = pipe.generate([enhanced.get(p, p) for p in all_prompts], seed=seed,
+                           batch_size=args.batch_size, offload=args.offload, progress=progress,
+                           **sampler_kwargs(args, height, width), **edit)
     for k, image in enumerate(images):
         i, j = divmod(k, n)
         path = paths[(i, j)]
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        image.save(path, pnginfo=png_info(dict(prompt=prompts[i], seed=seed + k, **settings)))
+        meta = dict(prompt=prompts[i], seed=seed + k, **settings)
+        if prompts[i] in enhanced:
+            meta["enhanced_prompt"] = enhanced[prompts[i]]
+        if init_paths:
+            meta["init_image"] = init_paths[i]
+        image.save(path, pnginfo=png_info(meta))
         print(path)
     if args.layout == "geneval":
         for i, prompt in enumerate(prompts):
