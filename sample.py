@@ -6,6 +6,8 @@ Sample images from SVG-T2I.
     python sample.py --prompts geneval_metadata.jsonl --layout geneval --outdir geneval/
     python sample.py --prompts dpg.jsonl --layout dpg --outdir dpg/ --start 0 --end 266
     python sample.py --reconstruct in.png --out rec.png             # what the autoencoder keeps
+    python sample.py --toy --init-image in.png --strength 0.8 --prompt "two blue circles"
+    python sample.py --prompt "a cat" --enhance                    # rewritten by Gemma-2 first
 
 Each image is written as soon as its batch is decoded (under a temporary name, then renamed), so an
 interrupted run keeps every image it finished, and running the same command again completes it.
@@ -29,8 +31,9 @@ PROMPT_FIELDS = ("refined_prompt", "prompt", "gpt_4_caption", "caption", "text",
 # The system prompts svgt2i.SYSTEM_PROMPTS names (listed here so that --help needs no torch).
 SYSTEM_PROMPT_NAMES = ("base", "align", "aesthetics", "real", "4grid", "empty")
 # The PNG metadata that must agree before a finished image is reused.
-SETTINGS = ("prompt", "seed", "height", "width", "steps", "cfg", "shift", "solver",
-            "system_prompt", "negative", "renorm", "cfg_trunc")
+SETTINGS = ("prompt", "seed", "height", "width", "steps", "cfg", "shift", "solver", "system_prompt",
+            "negative", "renorm", "cfg_trunc", "strength", "init_image", "mask")
+EDIT_STRENGTH = 0.8     # --strength's default (the README's toy measurement)
 
 
 class UsageError(Exception):
@@ -121,6 +124,20 @@ def parse_args(argv=None):
                    "benchmark over machines)")
     g.add_argument("--end", type=int, default=None, help="prompt index to stop before (default: "
                    "all)")
+    g.add_argument("--enhance", action="store_true", help="rewrite each prompt with Gemma-2 first "
+                   "(the official enhancer) and condition on the 'align' system prompt (unless "
+                   "--system-prompt)")
+    g = p.add_argument_group("image-to-image")
+    g.add_argument("--init-image", default=None, metavar="IMAGE", help="edit IMAGE with the "
+                   "prompt (fitted to the size, encoded, noised to the --strength point, then "
+                   "sampled)")
+    g.add_argument("--init-images", default=None, metavar="DIR", help="edit every image of DIR "
+                   "(sorted by name), with one prompt for all or one per image")
+    g.add_argument("--strength", type=float, default=None, help="the fraction of the steps an edit "
+                   "runs: 1 = text-to-image from the seed, 0 = the autoencoder's reconstruction "
+                   f"(default {EDIT_STRENGTH})")
+    g.add_argument("--mask", default=None, metavar="MASK", help="edit only where MASK (an image "
+                   "the init image's size) is white, in 16-px tokens; black tokens are kept")
     g = p.add_argument_group("sampler")
     g.add_argument("--steps", type=int, default=None,
                    help=f"model evaluations (default 50; --toy {t['steps']})")
@@ -149,7 +166,8 @@ def parse_args(argv=None):
                    f"{t['shift']}, {t['solver']}, empty system prompt, 64 px")
     g.add_argument("--dit", default=None, help="override: DiT weights file")
     g.add_argument("--autoencoder", default=None, help="override: autoencoder checkpoint")
-    g.add_argument("--dinov3", default=None, help="override: DINOv3 weights (for --reconstruct)")
+    g.add_argument("--dinov3", default=None, help="override: DINOv3 weights (for --reconstruct "
+                   "and editing)")
     g.add_argument("--stats", default=None, help="override: latent statistics file")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default "
@@ -316,11 +334,11 @@ def finished(path, meta):
             theirs = dict(im.text)
     except (OSError, ValueError):
         return False                       # absent, or not a whole PNG: draw it
-    diff = [k for k in SETTINGS if theirs.get(k) != str(meta[k])]
+    diff = [k for k in SETTINGS if (k in meta or k in theirs) and theirs.get(k) != str(meta.get(k))]
     if diff:
         k = diff[0]
         raise UsageError(f"{path} was made with other settings ({k} {theirs.get(k)!r}, this run "
-                         f"{str(meta[k])!r}): pass --overwrite to redo it, or another --outdir")
+                         f"{str(meta.get(k))!r}): pass --overwrite to redo it, or another --outdir")
     return True
 
 
@@ -376,14 +394,16 @@ def write_layout_files(args, records, prompts, indices, n, paths):
 # Running
 
 
-def load_pipeline(args, ckpt, gemma, device, dtype):
-    """SVGT2I.from_pretrained with the command line's per-file overrides; says what it loaded."""
+def load_pipeline(args, ckpt, gemma, device, dtype, with_encoder=False):
+    """SVGT2I.from_pretrained with the command line's per-file overrides; says what it loaded.
+    with_encoder: also DINOv3 (editing; --dinov3 overrides)."""
     from svgt2i import SVGT2I, find_weights
 
     t0 = time.time()
     files = find_weights(ckpt, gemma, dit=args.dit, autoencoder=args.autoencoder, stats=args.stats)
     pipe = SVGT2I.from_pretrained(ckpt, gemma, device=device, dtype=dtype, dit=args.dit,
-                                  autoencoder=args.autoencoder, stats=args.stats)
+                                  autoencoder=args.autoencoder, stats=args.stats,
+                                  dinov3=args.dinov3, with_encoder=with_encoder)
     if args.compile:
         pipe.compile()
     print(f"loaded {files['dit']} (+ autoencoder, statistics, Gemma) on {device} "
@@ -450,9 +470,35 @@ def score_toy(args, ckpt, gemma, device, dtype, height, width):
     return summary
 
 
-def plan(args):
+def edit_inputs(args, prompts, height, width):
+    """--init-image(s), --strength and --mask: (prompts, one init image path per prompt, the
+    SVGT2I.generate keywords), checked before anything is loaded; (prompts, None, {}) without
+    an init image."""
+    from svgt2i import pair_edits, prepare_edit, read_image, read_images
+
+    if args.init_image and args.init_images:
+        raise UsageError("use either --init-image or --init-images, not both")
+    if (args.init_image or args.init_images) and args.layout != "flat":
+        raise UsageError("editing writes the flat layout: drop --layout")
+    if not (args.init_image or args.init_images):
+        if args.strength is not None or args.mask:
+            raise UsageError("--strength and --mask need --init-image or --init-images")
+        return prompts, None, {}
+    pairs = ([(args.init_image, read_image(args.init_image))] if args.init_image
+             else read_images(args.init_images))
+    prompts, pairs = pair_edits(prompts, pairs)
+    kw = dict(init_images=[im for _, im in pairs],
+              strength=EDIT_STRENGTH if args.strength is None else args.strength)
+    if args.mask:
+        kw["mask"] = read_image(args.mask, "L")
+    prepare_edit(len(prompts), height, width, args.steps, **kw)     # bad strength, mask size
+    return prompts, [path for path, _ in pairs], kw
+
+
+def plan(args, height, width):
     """Every image of the run as (image number k, prompt index, sample, prompt, path), the prompts'
-    records, the prompts, n, and the folder; checked before any weights load."""
+    records, the prompts, n, the image paths, and the edit (edit_inputs); checked before any
+    weights load."""
     prompts, records = list(args.prompt), None
     if args.prompts:
         if prompts:
@@ -460,6 +506,7 @@ def plan(args):
         prompts, records = read_prompts(args.prompts)
     if not prompts:
         raise UsageError("no prompt: pass --prompt TEXT (repeatable) or --prompts FILE")
+    prompts, init_paths, edit = edit_inputs(args, prompts, height, width)
     if args.layout == "dpg" and not (records and all(isinstance(r, dict) and "filename" in r
                                                      for r in records)):
         raise UsageError("--layout dpg needs a .jsonl --prompts file whose records have a "
@@ -472,7 +519,7 @@ def plan(args):
     check_writable(folder, "--out" if args.out and args.layout == "flat" else "--outdir")
     jobs = [(i * n + j, i, j, prompts[i], paths[(i, j)]) for i in range(args.start, end)
             for j in range(n)]
-    return jobs, records, prompts, n, paths
+    return jobs, records, prompts, n, paths, (init_paths, edit)
 
 
 def run(args):
@@ -485,19 +532,30 @@ def run(args):
     device = pick_device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    if (args.reconstruct or args.score is not None) and (args.enhance or args.init_image
+                                                          or args.init_images or args.mask):
+        raise UsageError("--enhance and the image-to-image flags do not apply to --reconstruct "
+                         "or --score")
     if args.reconstruct:
         return reconstruct(args, ckpt, device)
+    if args.enhance and args.system_prompt is None:
+        from svgt2i import ENHANCE_SYSTEM_PROMPT
+        args.system_prompt = ENHANCE_SYSTEM_PROMPT
     height, width = resolve_settings(args, ckpt)
     if args.score is not None:
         return score_toy(args, ckpt, gemma, device, dtype, height, width)
-    jobs, records, prompts, n, paths = plan(args)
+    jobs, records, prompts, n, paths, (init_paths, edit) = plan(args, height, width)
 
     # What is already drawn is kept: the same command completes an interrupted run
     seed = 42 if args.seed is None else args.seed
     settings = dict(height=height, width=width, **vars(sampling(args)),
                     dtype=args.dtype or str(dtype).replace("torch.", ""),
                     ckpt="toy" if args.toy and not args.ckpt else ckpt)
-    meta = {k: dict(prompt=p, seed=seed + k, **settings) for k, _, _, p, _ in jobs}
+    if edit:
+        settings.update(strength=edit["strength"], **({"mask": args.mask} if args.mask else {}))
+    meta = {k: dict(prompt=p, seed=seed + k, **settings,
+                    **({"init_image": init_paths[i]} if init_paths else {}))
+            for k, i, _, p, _ in jobs}
     todo = jobs if args.overwrite else [job for job in jobs if not finished(job[4], meta[job[0]])]
     if len(todo) < len(jobs):
         print(f"{len(jobs) - len(todo)} of {len(jobs)} images already drawn: skipped "
@@ -509,8 +567,13 @@ def run(args):
     # Draw, batch by batch; each image is on disk as soon as its batch is decoded
     from runs import Progress
 
-    pipe = load_pipeline(args, ckpt, gemma, device, dtype)
+    pipe = load_pipeline(args, ckpt, gemma, device, dtype, with_encoder=bool(edit))
     print(f"seed {seed}", file=sys.stderr)
+    enhanced = {}
+    if args.enhance:     # each distinct prompt once, before any image
+        enhanced = {p: pipe.enhance_prompt(p) for p in dict.fromkeys(p for _, _, _, p, _ in todo)}
+        for p, e in enhanced.items():
+            print(f"enhanced prompt: {p!r} -> {e!r}", file=sys.stderr)
     progress = Progress("images", len(todo))
     t0 = time.time()
     for start in range(0, len(todo), args.batch_size):
@@ -518,11 +581,15 @@ def run(args):
 
         def step(idx, i, N, start=start):
             progress(start, f" | step {i}/{N} of images {start + 1}-{start + len(batch)}")
-        images = pipe.generate([p for _, _, _, p, _ in batch], height, width,
+        images_in = {"init_images": [edit["init_images"][i] for _, i, _, _, _ in batch],
+                     **{k: v for k, v in edit.items() if k != "init_images"}} if edit else {}
+        images = pipe.generate([enhanced.get(p, p) for _, _, _, p, _ in batch], height, width,
                                seed=[seed + k for k, *_ in batch], sampling=sampling(args),
-                               batch_size=len(batch), offload=args.offload, progress=step)
+                               batch_size=len(batch), offload=args.offload, progress=step,
+                               **images_in)
         for (k, i, j, prompt, path), image in zip(batch, images):
-            save_png(image, path, meta[k])
+            extra = {"enhanced_prompt": enhanced[prompt]} if prompt in enhanced else {}
+            save_png(image, path, {**meta[k], **extra})
             print(path)
         progress(start + len(batch))
         write_layout_files(args, records, prompts, sorted({i for _, i, _, _, _ in batch}), n,
