@@ -198,6 +198,14 @@ class Decoder(nn.Module):
             for i in range(levels)])
         self.norm_out = Normalize(widths[0])
         self.conv_out = nn.Conv2d(widths[0], c.out_ch, 3, padding=1)
+        self.channels_last = False
+
+    def use_channels_last(self, on=True):
+        """Run the convolutions in channels-last (NHWC) memory layout, which GPU convolution
+        kernels may prefer (bench/bench_gpu.py measures it); the output is returned contiguous
+        as always. Same function: fp32 results differ only by rounding. Returns self."""
+        self.channels_last = on
+        return self.to(memory_format=torch.channels_last if on else torch.contiguous_format)
 
     def forward(self, z):
         if z.dim() != 4 or z.shape[1] != self.config.z_channels:
@@ -205,10 +213,12 @@ class Decoder(nn.Module):
                              f"{list(z.shape)}"
                              + ("" if z.dim() != 4 else " (P decoders take 384 channels, R "
                                                         "decoders 392)"))
-        h = self.mid(self.conv_in(z.to(self.conv_in.weight.dtype)))
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        z = z.to(self.conv_in.weight.dtype).contiguous(memory_format=layout)
+        h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous()
 
 
 # -------------------------------------------------------------------------------------------------

@@ -8,6 +8,10 @@ plain-sentencepiece tokenizer that reproduces the Hugging Face tokenizer as SVG-
 
 Every op is written in the order Hugging Face runs it, so that features match bit for bit
 in fp32 and bf16.
+
+For the prompt enhancer (svgt2i.enhance_prompt, the official sampler's --system_type enhance) the
+model also has the tied LM head with its final soft-cap, greedy decoding with a KV cache as
+transformers' generate, and the tokenizer decodes.
 """
 
 import json
@@ -42,6 +46,8 @@ class Gemma2Config:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     attn_logit_softcapping: float | None = 50.0  # the cap in config.json; used only if attn_softcap
+    # LM head only (generation): logits = cap * tanh(logits / cap); None: no cap
+    final_logit_softcapping: float | None = 30.0
     # The soft-capping switch. Gemma 2 as specified (and transformers >= 5, eager) squashes
     # attention logits with cap * tanh(logits / cap). But the released SVG-T2I DiT was trained on
     # features from transformers 4.57 (the version SVG-T2I pins), whose default attention for Gemma
@@ -120,8 +126,8 @@ class Gemma2Config:
         if "rope_theta" in rope:
             kw["rope_theta"] = rope["rope_theta"]
         # Ignored: dtype / torch_dtype (the loader's dtype argument decides),
-        # final_logit_softcapping (LM head), max_position_embeddings, token ids,
-        # tie_word_embeddings, cache and dropout fields.
+        # max_position_embeddings, token ids, tie_word_embeddings (Gemma 2's head is the
+        # embedding), cache and dropout fields.
         return cls(**{**kw, **overrides})
 
 
@@ -180,9 +186,10 @@ class Gemma2Attention(nn.Module):
         self.v_proj = nn.Linear(H, nKV * d, bias=False)
         self.o_proj = nn.Linear(nH * d, H, bias=False)
 
-    def forward(self, x, cos, sin, mask):
-        # x: [B, T, H]; cos, sin: [T, d]; mask: [B, 1, T, T] bool (True = may attend), or None
-        # for plain causal
+    def forward(self, x, cos, sin, mask, cache=None):
+        # x: [B, T, H]; cos, sin: [T, d] or [B, 1, T, d]; mask: [B, 1, T, T] bool (True = may
+        # attend), or None for plain causal. With a KVCache there are S keys, cached then new:
+        # mask [B, 1, T, S], or None only if T == 1 or S == T.
         B, T, _ = x.shape
         d = self.config.head_dim
         q = self.q_proj(x).view(B, T, -1, d).transpose(1, 2)  # [B, nH, T, d]
@@ -190,11 +197,13 @@ class Gemma2Attention(nn.Module):
         v = self.v_proj(x).view(B, T, -1, d).transpose(1, 2)
         q = (q * cos) + (rotate_half(q) * sin)
         k = (k * cos) + (rotate_half(k) * sin)
+        if cache is not None:  # decoding: cached keys (rotated) and values come first
+            k, v = cache.update(k, v)  # [B, nKV, S, d]
 
         if self.config.attn_softcap:
             k = k.repeat_interleave(self.n_rep, dim=1)
             v = v.repeat_interleave(self.n_rep, dim=1)
-            s = torch.matmul(q, k.transpose(2, 3)) * self.scaling  # [B, nH, T, T]
+            s = torch.matmul(q, k.transpose(2, 3)) * self.scaling  # [B, nH, T, T or S]
             cap = self.config.attn_logit_softcapping
             if cap is not None:  # divide, tanh, multiply: three ops, as in the reference math
                 s = s / cap
@@ -243,16 +252,35 @@ class Gemma2DecoderLayer(nn.Module):
         self.mlp = Gemma2MLP(config)
         self.post_feedforward_layernorm = RMSNorm(H, eps)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin,
-                                                             mask))
+    def forward(self, x, cos, sin, mask, cache=None):
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        x = x + self.post_attention_layernorm(a)
         x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return x
 
 
+class KVCache:
+    """One layer's rotated keys and values for cached decoding, kept as transformers'
+    DynamicCache keeps them: all tokens for a full layer, the last window - 1 for a sliding one
+    (the next query q sees keys q - window < kv <= q, and brings its own). update() returns what
+    the new queries attend to: the kept keys, then the new ones; a prompt longer than the window
+    gets all its keys, and the mask does the rest."""
+
+    def __init__(self, window=None):
+        self.window = window  # None: a full-attention layer
+        self.k = self.v = None  # [B, nKV, kept, d]
+
+    def update(self, k, v):
+        if self.k is not None:
+            k, v = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)  # [B, nKV, S, d]
+        start = 0 if self.window is None else max(k.shape[2] - (self.window - 1), 0)
+        self.k, self.v = k[:, :, start:], v[:, :, start:]
+        return k, v
+
+
 class Gemma2(nn.Module):
-    """Gemma-2 base model (no LM head). Parameter names are the checkpoint keys without the
-    `model.` prefix."""
+    """Gemma-2; its LM head (lm_head, generate) is the embedding, tied. Parameter names are the
+    checkpoint keys without the `model.` prefix."""
 
     def __init__(self, config):
         super().__init__()
@@ -348,6 +376,127 @@ class Gemma2(nn.Module):
 
     forward = encode
 
+    # LM head and greedy decoding (Gemma2ForCausalLM), for the prompt enhancer
+
+    def lm_head(self, h):
+        """Logits [..., V] of final-normed hidden states h [..., H], as Gemma2ForCausalLM: the tied
+        head (the embedding), then cap * tanh(logits / cap), in the model dtype. In bf16 the cap
+        rounds and can tie near-maxima, so it can change greedy choices: it is kept, op for op."""
+        logits = F.linear(h, self.embed_tokens.weight)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:  # divide, tanh, multiply, as in the reference
+            logits = logits / cap
+            logits = torch.tanh(logits)
+            logits = logits * cap
+        return logits
+
+    def logits(self, input_ids, attention_mask=None):
+        """[B, T, V]: Gemma2ForCausalLM(input_ids, attention_mask).logits (no cache)."""
+        return self.lm_head(self.encode(input_ids, attention_mask, layer=-1))
+
+    def _cached_masks(self, keep, T):
+        """Masks for T new queries after S - T cached tokens; keep [B, S] masks padded keys.
+
+        Full layers see all S keys ([B, 1, T, S]); sliding layers the keys their KVCache holds,
+        from max(S - T - (window - 1), 0) on. None where transformers' SDPA path drops the mask:
+        nothing padded, T == 1 or all keys new, and (sliding) fewer keys than the window. The
+        eager soft-capped path always gets a mask."""
+        S = keep.shape[1]
+        qpos = torch.arange(S - T, S, device=keep.device)
+        kpos = torch.arange(S, device=keep.device)
+        causal = kpos[None, :] <= qpos[:, None]  # [T, S]
+        full = causal[None, None] & keep[:, None, None, :]  # [B, 1, T, S]
+        window = self.config.sliding_window
+        start = 0 if window is None else max(S - T - (window - 1), 0)
+        sliding = full[..., start:]
+        if window is not None:
+            sliding = sliding & (kpos[None, start:] > qpos[:, None] - window)
+        if not self.config.attn_softcap:
+            n = S - start  # keys of a sliding layer
+            if (T == 1 or S == T) and bool(keep.all()):
+                full = None
+            fits = window is None or n < window
+            if (T == 1 or n == T) and fits and bool(keep[:, start:].all()):
+                sliding = None
+        return full, sliding
+
+    def _cached_step(self, input_ids, positions, keep, caches):
+        """Run new tokens [B, T] at RoPE positions [B, T] through all layers, extending the caches
+        (a KVCache per layer); keep [B, S] masks padded keys so far, the new tokens last.
+        Returns the final-normed hidden state of the last position, [B, 1, H]."""
+        w = self.embed_tokens.weight
+        scale = torch.tensor(self.config.hidden_size ** 0.5, device=w.device).to(w.dtype)
+        x = F.embedding(input_ids, w) * scale  # as in _trunk
+        cos, sin = rope_cos_sin(int(positions.max()) + 1, self.config, w.device, w.dtype)
+        cos, sin = cos[positions][:, None], sin[positions][:, None]  # [B, 1, T, d]
+        full, sliding = self._cached_masks(keep, input_ids.shape[1])
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, cos, sin, sliding if layer.is_sliding else full, cache)
+        return self.norm(x[:, -1:])
+
+    def _check_prompt(self, input_ids, attention_mask):
+        """keep [B, T] bool for generate(); prompts must be unpadded or left-padded."""
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [B, T], T >= 1, got {tuple(input_ids.shape)}")
+        V = self.config.vocab_size
+        if not (0 <= int(input_ids.min()) and int(input_ids.max()) < V):
+            raise ValueError(f"input_ids must lie in [0, {V}), got "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids "
+                             f"shape {tuple(input_ids.shape)}")
+        keep = attention_mask.bool()
+        # New tokens follow the last column, so right padding would leave pads inside the text
+        # (and transformers versions disagree on the positions after it); batches pad left.
+        if not bool(keep[:, -1].all()) or bool((keep[:, :-1] & ~keep[:, 1:]).any()):
+            raise ValueError("generate() needs unpadded or left-padded prompts: every "
+                             "attention_mask row must be 0s, then 1s")
+        return keep
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=196, eos_token_id=1,
+                 pad_token_id=None, return_logits=False):
+        """Greedy decoding with a KV cache: the new ids [B, N], N <= max_new_tokens, that
+        transformers' Gemma2ForCausalLM.generate(do_sample=False) puts after the prompt.
+
+        A row stops at its first id in eos_token_id (an int or a list; that EOS is returned, as in
+        transformers), then holds pad_token_id (default: the first EOS id) until all rows stop.
+        RoPE positions are cumsum(attention_mask) - 1, so left padding does not shift a row; keys
+        are masked by padding, causality and the window, in sequence-index space. With
+        return_logits=True, also each step's logits [B, N, V] in fp32 (as output_logits)."""
+        keep = self._check_prompt(input_ids, attention_mask)
+        n_max = max_new_tokens
+        if isinstance(n_max, bool) or not isinstance(n_max, int) or n_max < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {n_max!r}")
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        eos = torch.tensor(eos, device=input_ids.device)
+        pad = int(eos[0]) if pad_token_id is None else int(pad_token_id)
+        B = input_ids.shape[0]
+        out, seen = input_ids.new_empty(B, 0), []
+        positions = (keep.long().cumsum(-1) - 1).masked_fill(~keep, 1)  # pads at 1, as in 4.57
+        window = self.config.sliding_window
+        caches = [KVCache(window if layer.is_sliding else None) for layer in self.layers]
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        step = input_ids  # the whole prompt first (prefill), then one token at a time
+        for _ in range(n_max):
+            h = self._cached_step(step, positions, keep, caches)  # [B, 1, H]
+            logits = self.lm_head(h)[:, -1].float()  # [B, V]
+            seen += [logits] if return_logits else []
+            nxt = logits.argmax(-1)  # [B]; the first of equal maxima, as in transformers
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            out = torch.cat((out, nxt[:, None]), dim=1)
+            done |= torch.isin(nxt, eos)
+            if bool(done.all()):
+                break
+            step, positions = nxt[:, None], positions[:, -1:] + 1
+            keep = torch.cat((keep, keep.new_ones(B, 1)), dim=1)
+        if not return_logits:
+            return out
+        V = self.config.vocab_size
+        return out, (torch.stack(seen, 1) if seen else torch.zeros(B, 0, V, device=out.device))
+
 
 # -------------------------------------------------------------------------------------------------
 # The key map (svgt2i.load_gemma2 reads the Hugging Face folder), and its inverse:
@@ -371,6 +520,7 @@ def gemma2_hub_config(c):
             "query_pre_attn_scalar": c.query_pre_attn_scalar, "sliding_window": c.sliding_window,
             "rope_theta": c.rope_theta, "rms_norm_eps": c.rms_norm_eps,
             "attn_logit_softcapping": c.attn_logit_softcapping,
+            "final_logit_softcapping": c.final_logit_softcapping,
             "hidden_activation": "gelu_pytorch_tanh", "hidden_act": "gelu_pytorch_tanh",
             "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "torch_dtype": "float32"}
 
@@ -442,6 +592,40 @@ class Gemma2Tokenizer:
                 ids += self.sp.encode(part, out_type=int)
         return ids
 
+    # What Hugging Face's decode(skip_special_tokens=True) drops for google/gemma-2-2b: the
+    # tokens its tokenizer marks special (ids 0-3, and the chat-turn markers 106 and 107). Other
+    # added pieces such as <mask> or <unused0> are not special there: they decode to their text.
+    SKIPPED_ON_DECODE = ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>")
+    _byte_piece = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+    def decode(self, ids, skip_special_tokens=True):
+        """Text of token ids (a list or 1-D tensor), as Hugging Face's Gemma tokenizer decodes:
+        "▁" -> " " in every piece, no prefix space removed, no clean-up of spaces; a run of byte
+        pieces is read as UTF-8, and a run that is not valid UTF-8 gives one U+FFFD per byte (the
+        `tokenizers` ByteFallback rule; sentencepiece's own decode differs there).
+        skip_special_tokens=False keeps the special tokens as text, e.g. "<bos>"."""
+        ids = [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
+        if ids and not all(0 <= i < self.vocab_size for i in ids):
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got "
+                             f"[{min(ids)}, {max(ids)}]")
+        skip = set()
+        if skip_special_tokens:  # a piece the model lacks maps to <unk>, skipped anyway
+            skip = {self.sp.piece_to_id(p) for p in self.SKIPPED_ON_DECODE}
+        out, run = [], bytearray()
+        for piece in [self.sp.id_to_piece(i) for i in ids if i not in skip] + [None]:
+            if piece is not None and self._byte_piece.fullmatch(piece):
+                run.append(int(piece[3:5], 16))
+                continue
+            if run:  # a byte run ends: one UTF-8 text, or a replacement character per byte
+                try:
+                    out.append(run.decode("utf-8"))
+                except UnicodeDecodeError:
+                    out.append("\ufffd" * len(run))
+                run = bytearray()
+            if piece is not None:
+                out.append(piece.replace("▁", " "))
+        return "".join(out)
+
     def __call__(self, texts, max_length=512):
         """texts: list of str -> (input_ids [B, T] int64, attention_mask [B, T] int64), T a
         multiple of 8."""
@@ -465,17 +649,21 @@ class Gemma2Tokenizer:
 
 
 def train_tokenizer(texts, model_prefix, vocab_size=512):
-    """Train a small sentencepiece BPE model with Gemma's conventions
-    (the tiny and toy text encoders): <pad> 0, <eos> 1, <bos> 2, <unk> 3, byte fallback, digits
-    split, no dummy prefix, whitespace kept. Returns the .model path
-    (the .vocab listing sentencepiece writes beside it is removed: nothing reads it)."""
+    """Train a small sentencepiece BPE model with Gemma's conventions (the tiny and toy text
+    encoders): <pad> 0, <eos> 1, <bos> 2, <unk> 3, byte fallback, digits split, no dummy prefix,
+    whitespace kept. Writes and returns MODEL_PREFIX.model. The model is trained in memory, so it
+    records no file name (sentencepiece would keep the path it was written to in its spec)."""
+    import io
+
     import sentencepiece as spm
+    buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(texts)), model_prefix=model_prefix, model_type="bpe",
+        sentence_iterator=iter(list(texts)), model_writer=buf, model_type="bpe",
         vocab_size=vocab_size, hard_vocab_limit=False, character_coverage=1.0, byte_fallback=True,
         split_digits=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
         normalization_rule_name="identity", allow_whitespace_only_pieces=True, pad_id=0, eos_id=1,
         bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
         unk_piece="<unk>", num_threads=1, minloglevel=2)
-    os.remove(model_prefix + ".vocab")
+    with open(model_prefix + ".model", "wb") as f:
+        f.write(buf.getvalue())
     return model_prefix + ".model"

@@ -77,6 +77,24 @@ class NextDiTConfig:
         # width of the timestep embedding, the only adaLN input
         return min(self.dim, 1024)
 
+    def flops(self, cap_len, img_len):
+        """Matmul FLOPs (2 per multiply-add) of one sample's forward with cap_len caption and
+        img_len image tokens; the formula of train.py's MFU and bench/bench_gpu.py.
+
+        Each block's linear layers cost 2 * P_block per token and its attention
+        4 * (n_heads * head_dim) * S^2 (QK^T and AV), over its own sequence: the context refiner
+        sees the caption, the noise refiner the image, the joint layers S = cap_len + img_len
+        tokens. Plus the caption and patch embedders and the final linear, per token. Per-sample
+        terms (adaLN, the timestep MLP) and elementwise work are left out (< 0.1%)."""
+        d, hd, p2c = self.dim, self.head_dim, self.patch_size ** 2 * self.in_channels
+        block = d * (self.n_heads + 2 * self.n_kv_heads) * hd + self.n_heads * hd * d \
+            + 3 * d * self.ffn_dim                                 # qkv, out, w1 w2 w3
+        S, R = cap_len + img_len, self.n_refiner_layers
+        tokens = self.n_layers * S + R * (cap_len + img_len)
+        squares = self.n_layers * S ** 2 + R * (cap_len ** 2 + img_len ** 2)
+        embed = cap_len * self.cap_feat_dim * d + img_len * p2c * d + S * d * p2c
+        return 2 * block * tokens + 4 * self.n_heads * hd * squares + 2 * embed
+
     @classmethod
     def from_name(cls, name):
         """A named preset from PRESETS: "2b", "0.8b", "tiny" or "toy"."""
@@ -397,6 +415,21 @@ class NextDiT(nn.Module):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
+    def compile_blocks(self, **kwargs):
+        """Regional torch.compile: each transformer block in place (Module.compile; kwargs go to
+        torch.compile). Dynamo inlines the block and takes its parameters as graph inputs, so
+        one graph per block kind (with or without adaLN) and input shape serves every layer;
+        state-dict keys do not change. The first call at a new size compiles."""
+        # All blocks share one code object, hence one cache of compiled graphs: past its limit
+        # (8 by default: a few sizes, masked and not, grad and no grad) dynamo silently runs
+        # eager, so the limit is raised.
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), 64))
+        for block in [*self.noise_refiner, *self.context_refiner, *self.layers]:
+            block.compile(**kwargs)
+        return self
+
     def _check_images(self, x):
         """x as a list of [C, H, W] latents, checked against the config."""
         cfg, p = self.config, self.config.patch_size
@@ -546,15 +579,8 @@ _WRAPPER_INFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_or
 
 
 def nextdit_keymap(obj):
-    """An official consolidated state dict -> ours: unwrap {"model": sd} / {"ema": sd} /
-    {"state_dict": sd} ("model" first: what the official sampler's --direct_ckpt path loads) and
-    strip wrapper prefixes."""
-    while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        inner = next((obj[k] for k in ("model", "ema", "state_dict")
-                      if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
-            break
-        obj = inner
+    """An official consolidated state dict -> ours: the wrapper prefixes stripped (svgt2i's reader
+    has already unwrapped {"model": sd} and the like)."""
     if not isinstance(obj, Mapping):
         raise ValueError(f"a NextDiT checkpoint must hold a state dict, got {type(obj).__name__}")
     sd = {}

@@ -93,12 +93,15 @@ def euler_times(steps, shift):
     return time_shift(torch.arange(steps + 1, dtype=torch.float64) / steps, shift)
 
 
-def euler_sample(velocity, x, steps, shift=1.0, callback=None):
+def euler_sample(velocity, x, steps, shift=1.0, callback=None, start=0, impose=None):
     """Euler ODE solver: `steps` model evaluations, at t_0 .. t_{steps-1} of euler_times;
-    never at t = 1."""
+    never at t = 1. Editing: start=i runs only the steps from grid point i on (x is then the
+    state at t_i), and impose(x, t) is applied after each step, at the step's new time t."""
     ts = euler_times(steps, shift).tolist()
-    for i in range(steps):
+    for i in range(start, steps):
         x = x + (ts[i + 1] - ts[i]) * velocity(x, ts[i])
+        if impose is not None:
+            x = impose(x, ts[i + 1])
         if callback is not None:
             callback(i + 1, steps)
     return x
@@ -112,16 +115,19 @@ def dpm_sigmas(steps, shift):
     return shift * u / (1 + (shift - 1) * u)
 
 
-def dpm_solver_sample(velocity, x, steps, shift=1.0, callback=None):
+def dpm_solver_sample(velocity, x, steps, shift=1.0, callback=None, start=0, impose=None):
     """DPM-Solver++ 2M (multistep, data prediction) for the flow path, as the official
     `--solver dpm`. In noise level sigma: alpha = 1 - sigma, lambda = log(alpha / sigma), the data
     prediction is x0 = x + sigma * v. Step 1 is first order, steps 2..N-1 second order, and the
     last step (to sigma = 0) is first order, i.e. returns the data prediction. N model evaluations.
-    The official solver runs this arithmetic in bf16; we run it in x's dtype (fp32 by default)."""
+    The official solver runs this arithmetic in bf16; we run it in x's dtype (fp32 by default).
+    Editing: start=i begins at grid point i with a fresh multistep history (its first step is
+    first order, as step 1 is), and impose(x, t) is applied after each step at code time
+    t = 1 - sigma of the step's end."""
     sig = dpm_sigmas(steps, shift).tolist()
     lam = [math.log((1 - s) / s) if s > 0 else math.inf for s in sig]
     prev_x0, prev_lam = None, None
-    for i in range(steps):
+    for i in range(start, steps):
         s, s_next = sig[i], sig[i + 1]
         x0 = x + s * velocity(x, 1 - s)                 # data prediction at sigma_i
         if s_next == 0:                                 # last step: lower order final, phi = -1
@@ -134,6 +140,8 @@ def dpm_solver_sample(velocity, x, steps, shift=1.0, callback=None):
                 r0 = (lam[i] - prev_lam) / h
                 d1 = (x0 - prev_x0) / r0
                 x = x - 0.5 * (1 - s_next) * phi * d1
+        if impose is not None:
+            x = impose(x, 1 - s_next)
         prev_x0, prev_lam = x0, lam[i]
         if callback is not None:
             callback(i + 1, steps)
@@ -141,6 +149,21 @@ def dpm_solver_sample(velocity, x, steps, shift=1.0, callback=None):
 
 
 SAMPLERS = {"euler": euler_sample, "dpm": dpm_solver_sample}
+
+
+def sampler_times(solver, steps, shift):
+    """The code times of a solver's grid points i = 0..steps, float64: euler_times, or
+    1 - dpm_sigmas for DPM (whose point 0, t ~ 1e-4, text-to-image treats as pure noise)."""
+    return euler_times(steps, shift) if solver == "euler" else 1 - dpm_sigmas(steps, shift)
+
+
+def edit_start(steps, strength):
+    """The grid point an edit starts at: the last round(strength * steps) steps (halves round up)
+    are run, so strength 1 starts at point 0 (text-to-image) and 0 runs no step."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) \
+            or not 0 <= strength <= 1:
+        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+    return steps - math.floor(strength * steps + 0.5)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -162,30 +185,37 @@ class Guidance:
         return self.scale != 1.0
 
 
-def guided_velocity(model, cap_feats, cap_mask, guidance, dtype=None):
+def guided_velocity(model, cap_feats, cap_mask, guidance, dtype=None, split=False):
     """Return velocity(x, t) for the samplers. With guidance on, `cap_feats`/`cap_mask` hold the B
-    conditional rows followed by the B unconditional rows, and one batched forward computes both.
-    What does not change between steps (the refined captions, RoPE tables, masks: NextDiT.context)
-    is computed once."""
+    conditional rows followed by the B unconditional rows, and one batched forward computes both;
+    split=True runs them as two forwards instead, each padded only within itself, so with one
+    image per batch neither needs an attention mask (the shorter negative caption is otherwise
+    padded and masked). Same result up to rounding; which is faster is for a GPU to say
+    (bench/bench_gpu.py). What does not change between steps (the refined captions, RoPE tables,
+    masks: NextDiT.context) is computed once per row range."""
     contexts = {}
 
-    def context(rows, x):
+    def forward(x, t, rows):
+        # x [b - a, C, h, w] in the model's dtype, for caption rows a..b-1
+        a, b = rows
         key = (rows, tuple(x.shape[2:]))
         if key not in contexts:
-            contexts[key] = model.context(cap_feats[:rows], cap_mask[:rows],
-                                          [tuple(x.shape[2:])] * rows)
-        return contexts[key]
+            contexts[key] = model.context(cap_feats[a:b], cap_mask[a:b],
+                                          [tuple(x.shape[2:])] * (b - a))
+        tt = torch.full((b - a,), t, device=x.device, dtype=torch.float32)
+        return model(x, tt, context=contexts[key])
 
     def velocity(x, t):
         B = x.shape[0]
         xin = x.to(dtype) if dtype is not None else x
         if not guidance.active or t >= guidance.trunc:
-            tt = torch.full((B,), t, device=x.device, dtype=torch.float32)
-            return model(xin, tt, context=context(B, x)).to(x.dtype)
-        tt = torch.full((2 * B,), t, device=x.device, dtype=torch.float32)
-        out = model(torch.cat([xin, xin]), tt, context=context(2 * B, x))      # [2B, C, h, w]
-        out = out.to(x.dtype)
-        cond, uncond = out.chunk(2)
+            return forward(xin, t, (0, B)).to(x.dtype)
+        if split:
+            cond, uncond = forward(xin, t, (0, B)), forward(xin, t, (B, 2 * B))
+            cond, uncond = cond.to(x.dtype), uncond.to(x.dtype)
+        else:
+            out = forward(torch.cat([xin, xin]), t, (0, 2 * B))               # [2B, C, h, w]
+            cond, uncond = out.to(x.dtype).chunk(2)
         g = uncond + guidance.scale * (cond - uncond)
         if guidance.renorm > 0:
             dims = tuple(range(1, g.dim()))
@@ -238,6 +268,11 @@ class SVGT2I:
         dit = load_nextdit(files["dit"], device=device, dtype=dtype)
         autoencoder = load_autoencoder(files["autoencoder"], dinov3_path=files["dinov3"],
                                        device=device, dtype=torch.float32, encoder=with_encoder)
+        if with_encoder and autoencoder.encoder is None:
+            raise FileNotFoundError(f"{ckpt_dir}: no DINOv3 weights found (needed to encode "
+                                    "images); expected dinov3_vits16plus_pretrain_lvd1689m-*.pth "
+                                    "or encoder.* keys in the autoencoder checkpoint "
+                                    f"({DOWNLOAD_HINT})")
         stats = load_latent_stats(files["stats"], channels=autoencoder.latent_channels)
         if dit.config.in_channels != stats.channels:
             raise ValueError(f"the DiT works on {dit.config.in_channels} channels but the "
@@ -257,39 +292,96 @@ class SVGT2I:
             texts += [sp + negative_prompt if negative_prompt else ""] * len(prompts)
         return self.text_encoder(texts)
 
+    def compile(self, **kwargs):
+        """torch.compile the DiT, block by block (NextDiT.compile_blocks). Returns self."""
+        self.dit.compile_blocks(**kwargs)
+        return self
+
+    def enhance_prompt(self, text, max_new_tokens=None):
+        """The official prompt enhancer: `text` (a str, or a list) rewritten by the pipeline's own
+        Gemma-2 (enhance_prompt; max_new_tokens None: the official 196). Condition on the result
+        with the ENHANCE_SYSTEM_PROMPT."""
+        tok, model = self.text_encoder.tokenizer, self.text_encoder.model
+        max_new_tokens = max_new_tokens or ENHANCE_MAX_NEW_TOKENS
+        if isinstance(text, str):
+            return enhance_prompt(tok, model, text, max_new_tokens)
+        return [enhance_prompt(tok, model, t, max_new_tokens) for t in text]
+
     @torch.no_grad()
     def generate(self, prompts, height=1024, width=1024, seed=0, sampling=None, batch_size=1,
-                 offload=False, progress=None, **overrides):
+                 offload=False, progress=None, init_images=None, strength=1.0, mask=None,
+                 output="pil", split_cfg=False, **overrides):
         """Generate one image per prompt. `sampling` (a Sampling) and `overrides`
         (its field names, e.g. steps=25, cfg=2.0) set the sampler. Image k starts from
-        randn(1, C, H/16, W/16) drawn on the CPU with seed + k, so a seed gives the same image on
-        any device and in any batch."""
+        randn(1, C, H/16, W/16) drawn on the CPU with seed + k (or seed[k], given a list), so a
+        seed gives the same image on any device and in any batch. split_cfg: cond and uncond as two
+        forwards (guided_velocity's split).
+
+        Editing: `init_images` (a PIL image, or one per prompt) are fitted to height x width,
+        encoded by DINOv3 and normalised; sampling starts at grid point edit_start(steps,
+        strength) from them noised with the seed's noise to that point's time (at point 0: the
+        noise itself). strength 1 is text-to-image bit for bit, 0 the autoencoder's
+        reconstruction. `mask` (PIL, the size of its init image; white = redraw, token_mask)
+        keeps the other tokens: after each step they are reset to the init latent noised to the
+        step's new time, so they end exactly at it. output="latent" returns the final normalised
+        latents [n, C, H/16, W/16] instead of images."""
         s = replace(sampling or Sampling(), **overrides)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        seeds = [seed + k for k in range(len(prompts))] if isinstance(seed, int) else list(seed)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         check_image_size(height, width)
         if s.solver not in SAMPLERS:
             raise ValueError(f"unknown solver {s.solver!r}: choose one of {', '.join(SAMPLERS)}")
+        if output not in ("pil", "latent"):
+            raise ValueError(f"output must be 'pil' or 'latent', got {output!r}")
+        edit = prepare_edit(len(prompts), height, width, s.steps, init_images, strength, mask)
+        if edit is not None and self.autoencoder.encoder is None:
+            raise ValueError("image-to-image needs the DINOv3 encoder: load the pipeline with "
+                             "SVGT2I.from_pretrained(..., with_encoder=True)")
         guidance = Guidance(s.cfg, s.renorm, s.cfg_trunc)
-        feats, mask = self.encode_text(prompts, s.system_prompt, s.negative, guidance.active)
+        feats, cap_mask = self.encode_text(prompts, s.system_prompt, s.negative, guidance.active)
         if offload:   # free accelerator memory for the DiT: Gemma's work is done
             self.text_encoder.model.to("cpu")
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-        feats, mask = feats.to(self.device, self.dtype), mask.to(self.device)
+        feats, cap_mask = feats.to(self.device, self.dtype), cap_mask.to(self.device)
         n, C = len(prompts), self.dit.config.in_channels
-        images = []
-        for start in range(0, n, batch_size):
-            idx = list(range(start, min(start + batch_size, n)))
+        results = []
+        for first in range(0, n, batch_size):
+            idx = list(range(first, min(first + batch_size, n)))
             rows = idx + [n + i for i in idx] if guidance.active else idx
             noise = torch.cat([torch.randn([1, C, height // 16, width // 16],
-                                           generator=torch.Generator().manual_seed(seed + k))
+                                           generator=torch.Generator().manual_seed(seeds[k]))
                                for k in idx])                          # [b, C, H/16, W/16]
-            velocity = guided_velocity(self.dit, feats[rows], mask[rows], guidance,
-                                       dtype=self.dtype)
+            velocity = guided_velocity(self.dit, feats[rows], cap_mask[rows], guidance,
+                                       dtype=self.dtype, split=split_cfg)
             cb = (lambda i, N: progress(idx, i, N)) if progress else None
-            z = SAMPLERS[s.solver](velocity, noise.to(self.device), s.steps, s.shift, callback=cb)
-            images += tensor_to_images(self.autoencoder.decode(self.stats.denormalize(z)))
-        return images
+            z, features = self._sample(velocity, noise.to(self.device), s, cb, edit, idx)
+            results += [z.cpu()] if output == "latent" else tensor_to_images(
+                self.autoencoder.decode(features))
+        return torch.cat(results) if output == "latent" else results
+
+    def _sample(self, velocity, noise, s, callback, edit, idx):
+        """One batch: the final normalised latents z and the DINOv3 features to decode."""
+        sampler = SAMPLERS[s.solver]
+        if edit is None:
+            z = sampler(velocity, noise, s.steps, s.shift, callback=callback)
+            return z, self.stats.denormalize(z)
+        pixels = images_to_tensor([edit.images[k] for k in idx], noise.device)
+        f = self.autoencoder.encode(pixels)                               # [b, C, H/16, W/16]
+        x1 = self.stats.normalize(f).to(noise.dtype)
+        if edit.start == s.steps:   # no step left: the features as encoded (no stats round trip)
+            return x1, f
+        t0 = sampler_times(s.solver, s.steps, s.shift)[edit.start].item()
+        x = noise if edit.start == 0 else interpolate(noise, x1, t0)
+        impose = None
+        if edit.redraw is not None:     # the kept tokens: the init latent, noised to each new t
+            redraw = torch.stack([edit.redraw[k] for k in idx])[:, None].to(noise.device)
+            impose = lambda x, t: torch.where(redraw, x, interpolate(noise, x1, t))  # noqa: E731
+        z = sampler(velocity, x, s.steps, s.shift, callback=callback, start=edit.start,
+                    impose=impose)
+        return z, self.stats.denormalize(z)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -459,6 +551,106 @@ def tensor_to_images(x):
 
 
 # -------------------------------------------------------------------------------------------------
+# Editing: the images (and masks) an image-to-image run starts from
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def read_image(path, mode="RGB"):
+    """An image file as a PIL image in `mode`; a missing or unreadable file is a one-line
+    error."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return im.convert(mode)
+    except (OSError, SyntaxError) as e:         # PIL's UnidentifiedImageError is an OSError
+        raise ValueError(f"{path}: not an image ({_first_line(e)})") from None
+
+
+def read_images(folder):
+    """The images of a folder (by suffix: IMAGE_SUFFIXES), sorted by name: [(path, RGB image)]."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    paths = sorted(os.path.join(folder, name) for name in os.listdir(folder)
+                   if name.lower().endswith(IMAGE_SUFFIXES))
+    if not paths:
+        raise ValueError(f"{folder}: no images in it ({', '.join(IMAGE_SUFFIXES)})")
+    return [(p, read_image(p)) for p in paths]
+
+
+def pair_edits(prompts, images):
+    """Prompts and init images, one each: one prompt edits every image, one image is edited by
+    every prompt, or they pair in order."""
+    if len(prompts) == 1:
+        prompts = prompts * len(images)
+    elif len(images) == 1:
+        images = images * len(prompts)
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts for {len(images)} init images: give one "
+                         "prompt, one image, or as many prompts as images")
+    return prompts, images
+
+
+def fit_image(image, height, width, resample=Image.Resampling.BICUBIC):
+    """Scale `image` to cover width x height, aspect kept, and crop the middle; an image of that
+    size already is returned as it is."""
+    w, h = image.size
+    if (w, h) == (width, height):
+        return image
+    scale = max(width / w, height / h)
+    size = (max(width, round(w * scale)), max(height, round(h * scale)))
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    return image.resize(size, resample).crop((left, top, left + width, top + height))
+
+
+def token_mask(mask, height, width):
+    """The tokens an edit redraws, bool [H/16, W/16]: `mask` (PIL; white = redraw, black = keep)
+    fitted as its image is (nearest pixel), and a 16x16 block is redrawn when any of its pixels
+    is >= 128, so everything painted white is redrawn."""
+    m = np.asarray(fit_image(mask.convert("L"), height, width, Image.Resampling.NEAREST)) >= 128
+    return torch.from_numpy(m.reshape(height // 16, 16, width // 16, 16).any(axis=(1, 3)))
+
+
+@dataclass
+class Edit:
+    """An image-to-image run: the grid point it starts at, and per image the init image fitted
+    to the output size and its redrawn tokens (redraw None: all)."""
+    start: int
+    images: list
+    redraw: list | None = None
+
+
+def _one_per_prompt(items, n, what):
+    items = [items] if isinstance(items, Image.Image) else list(items)
+    if not items or not all(isinstance(i, Image.Image) for i in items):
+        raise ValueError(f"{what} must be a PIL image or a list of them")
+    if len(items) not in (1, n):
+        raise ValueError(f"{len(items)} {what} for {n} prompts: give one, or one per prompt")
+    return items * n if len(items) == 1 else items
+
+
+def prepare_edit(n, height, width, steps, init_images=None, strength=1.0, mask=None):
+    """The Edit of SVGT2I.generate's arguments for n prompts, or None for text-to-image. A mask
+    must be the size of its init image."""
+    if init_images is None:
+        if mask is not None or strength != 1:
+            raise ValueError("strength and mask are for image-to-image: pass init_images too")
+        return None
+    start = edit_start(steps, strength)
+    images = _one_per_prompt(init_images, n, "init_images")
+    redraw = None
+    if mask is not None:
+        masks = _one_per_prompt(mask, n, "masks")
+        for im, m in zip(images, masks):
+            if m.size != im.size:
+                raise ValueError(f"the mask is {m.size[0]}x{m.size[1]} px but its init image "
+                                 f"{im.size[0]}x{im.size[1]}: they must be the same size")
+        redraw = [token_mask(m, height, width) for m in masks]
+    return Edit(start, [fit_image(im.convert("RGB"), height, width) for im in images], redraw)
+
+
+# -------------------------------------------------------------------------------------------------
 # Text: Gemma-2 features of system prompt + prompt
 
 SYSTEM_PROMPTS = {
@@ -503,6 +695,77 @@ class TextEncoder:
         feats = torch.cat([self.model.encode(ids[i:i + chunk], mask[i:i + chunk], layer=-2)
                            for i in range(0, len(ids), chunk)])
         return feats, mask.bool()
+
+
+# The official prompt enhancer (the sampler's --system_type enhance: generate_enhanced_prompt in
+# KlingTeam/SVG-T2I svg_t2i/sample_svg_t2i.py, l.24-118, and its call, l.382-395): the text
+# encoder, as a causal LM, continues a fixed instruction; the new text is cleaned up, and the DiT
+# is conditioned on the "align" system prompt + the result (svg_generate.py pairs it with "base").
+
+# The instruction, verbatim: data the output depends on. enhance_instruction ends it with the
+# user prompt and "Enhanced description:" (no space after it: the model writes one).
+ENHANCE_INSTRUCTION = (
+    "You are an assistant that rewrites image generation prompts.\n"
+    "Given a user prompt, rewrite it into a more detailed and concrete visual description.\n"
+    "You MUST strictly preserve:\n"
+    "- the main subject(s) and their roles;\n"
+    "- the number of each entity (do not change counts like 'one', 'two', 'three');\n"
+    "- explicit attributes (e.g. colors, sizes, poses) that appear in the user prompt;\n"
+    "- explicit spatial relationships (left/right, front/behind, on top of, in the background, "
+    "etc.);\n"
+    "- explicit style or format constraints (e.g. '3D render', 'line art', 'pixel art', "
+    "'photograph').\n"
+    "You may only add a few plausible visual details (textures, lighting, background context) "
+    "that do NOT contradict any part of the original prompt.\n"
+    "Avoid repeating the same subject or action multiple times; keep the description concise.\n"
+    "Do not remove or alter any constraints given in the user prompt.\n"
+    "Do NOT mention the words 'User Prompt' or 'Enhanced Prompt' in your answer.\n"
+    "Output only the enhanced description as one or two sentences.\n\n")
+ENHANCE_MAX_NEW_TOKENS = 196
+ENHANCE_SYSTEM_PROMPT = "align"  # sample_svg_t2i.py's choice for --system_type enhance
+
+
+def enhance_instruction(prompt):
+    """The text the model continues: the instruction, the user prompt as is, the answer cue."""
+    return ENHANCE_INSTRUCTION + "User prompt: " + prompt + "\nEnhanced description:"
+
+
+def postprocess_enhanced(decoded, prompt):
+    """The official clean-up of the decoded new text, in its order: strip; if there is a "\n",
+    the first non-empty line; a label before a ':' in the first 40 characters that names
+    "enhanced", "description" or "prompt" is dropped; comma clauses stripped, empty ones and
+    repeats (ignoring case) dropped, at most 4 kept, joined by ", "; at most 256 characters, cut
+    back to the last space; strip. An empty result falls back to `prompt`."""
+    text = decoded.strip()
+    if "\n" in text:   # then every line break str.splitlines knows separates lines
+        text = next((line.strip() for line in text.splitlines() if line.strip()), text)
+    if ":" in text[:40]:
+        head, tail = text.split(":", 1)
+        if any(w in head.lower() for w in ("enhanced", "description", "prompt")):
+            text = tail.strip()
+    kept, seen = [], set()
+    for clause in (c.strip() for c in text.split(",")):
+        if clause and clause.lower() not in seen and len(kept) < 4:
+            kept.append(clause)
+            seen.add(clause.lower())
+    text = ", ".join(kept) if kept else text       # only commas and spaces: left as it was
+    if len(text) > 256:
+        text = text[:256]
+        text = text.rsplit(" ", 1)[0] if " " in text else text
+    return text.strip() or prompt
+
+
+def enhance_prompt(tokenizer, model, text, max_new_tokens=ENHANCE_MAX_NEW_TOKENS):
+    """Rewrite one prompt with Gemma-2 (a Gemma2Tokenizer and gemma2.Gemma2) as the official
+    sampler does: BOS + the instruction, no chat template, no padding; greedy decoding with
+    the model's attention (SVG-T2I's transformers 4.57 runs SDPA without the attention cap, our
+    default) until <eos> (id 1: the official call's eos_token_id replaces the model's stop
+    list) or max_new_tokens; the new tokens decoded without special tokens, then cleaned up."""
+    device = model.embed_tokens.weight.device
+    ids = torch.tensor([[tokenizer.BOS] + tokenizer.encode(enhance_instruction(text))],
+                       device=device)
+    new = model.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.EOS)
+    return postprocess_enhanced(tokenizer.decode(new[0], skip_special_tokens=True), text)
 
 
 def load_tokenizer(gemma_dir):
@@ -595,9 +858,10 @@ def find_weights(ckpt_dir, gemma_dir=None, dit=None, autoencoder=None, dinov3=No
         with open(os.path.join(ckpt_dir, "run.json")) as f:
             run = {k: (v if v is None or os.path.isabs(v) else os.path.join(ckpt_dir, v))
                    for k, v in json.load(f).get("frozen", {}).items()}
-    dits = ["ema.safetensors", "model.safetensors", "consolidated.00-of-01.pth",
-            "consolidated_ema.00-of-01.pth", "dit-*/consolidated.00-of-01.pth",
-            "dit-*/consolidated_ema.00-of-01.pth"]
+    # the EMA weights first, as the official sampler's --ema intends
+    dits = ["ema.safetensors", "model.safetensors", "consolidated_ema.00-of-01.pth",
+            "consolidated.00-of-01.pth", "dit-*/consolidated_ema.00-of-01.pth",
+            "dit-*/consolidated.00-of-01.pth"]
     autoencoders = ["autoencoder.safetensors", "autoencoder/svg_autoencoder-P-*.ckpt",
                     "autoencoder/svg_autoencoder*.ckpt", "autoencoder/*.ckpt"]
     dinov3s = ["dinov3.safetensors", "dinov3_vits16plus_pretrain_lvd1689m-*.pth"]
@@ -708,8 +972,9 @@ def _read_hf_folder(folder):
 def read_state_dict(path):
     """The one file reader: {name: tensor} of a checkpoint, without copying it. A .safetensors
     file, a torch file (.pth, .pt, .ckpt: memory-mapped, weights_only) or a Hugging Face folder
-    (model.safetensors or its sharded index). Lightning's {"state_dict": ...} and the trainers'
-    {"model": ...} / {"ema": ...} are unwrapped. Every failure is one line naming the file."""
+    (model.safetensors or its sharded index). The trainers' {"model": ...} / {"ema": ...} ("model"
+    first: what the official sampler's --direct_ckpt path loads) and Lightning's
+    {"state_dict": ...} are unwrapped. Every failure is one line naming the file."""
     path = os.fspath(path)
     if os.path.isdir(path):
         return _read_hf_folder(path)
@@ -717,7 +982,7 @@ def read_state_dict(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     obj = _read_safetensors(path) if path.endswith(".safetensors") else _read_torch(path)
     while isinstance(obj, dict) and not any(torch.is_tensor(v) for v in obj.values()):
-        inner = next((obj[k] for k in ("state_dict", "model", "ema")
+        inner = next((obj[k] for k in ("model", "ema", "state_dict")
                       if isinstance(obj.get(k), dict)), None)
         if inner is None:
             break
@@ -833,9 +1098,9 @@ def load_gemma2(folder, device="cpu", dtype=torch.bfloat16, attn_softcap=False):
     return build(Gemma2, config, sd, folder, "model.", device, dtype).requires_grad_(False)
 
 
-# In a checkpoint folder the official trainer writes both; the official sampler always
-# loads the first.
-NEXTDIT_FILES = ("consolidated.00-of-01.pth", "consolidated_ema.00-of-01.pth")
+# In a checkpoint folder the official trainer writes both: the EMA weights are preferred (what the
+# official sampler's --ema asks for, though its code then loads the other file).
+NEXTDIT_FILES = ("consolidated_ema.00-of-01.pth", "consolidated.00-of-01.pth")
 
 
 def nextdit_from_state_dict(sd, device="cpu", dtype=torch.bfloat16, source="NextDiT checkpoint"):

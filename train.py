@@ -397,16 +397,10 @@ def resume(folder, model, ema, opt, args, d):
 # Progress: loss per t-bin, images/s, MFU, ETA
 
 
-def train_flops(config, n_params, cap_lens, img_lens):
-    """Training FLOPs of one micro-batch (forward + backward, no recomputation): 6 per parameter
-    per token, plus attention, 12 * dim * S^2 per joint layer
-    (the refiners are counted as joint layers: a slight over-count)."""
-    total = 0
-    for c, n in zip(cap_lens, img_lens):
-        S = c + n
-        layers = config.n_layers + config.n_refiner_layers
-        total += 6 * n_params * S + 12 * layers * config.dim * S * S
-    return total
+def train_flops(config, cap_lens, img_lens):
+    """Training FLOPs of one micro-batch: forward + backward = 3 forwards of
+    NextDiTConfig.flops per sample (no recomputation: MFU counts model FLOPs)."""
+    return sum(3 * config.flops(c, n) for c, n in zip(cap_lens, img_lens))
 
 
 def peak_flops(args):
@@ -573,6 +567,9 @@ def parse_args(argv=None):
     g.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="activation checkpointing of the joint blocks (default: on, off for "
                         "--model tiny)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each DiT block (regional: one graph serves all layers; "
+                        "the first steps compile)")
     g.add_argument("--workers", type=int, default=None,
                    help="data loader processes per rank (default: up to 4; "
                    "0 for --model tiny)")
@@ -788,6 +785,8 @@ def build_model(args, config, d, init_file, bf16):
     with torch.device(d.device):    # whole on every rank first: the same init as unsharded
         model = NextDiT(config)
     model.grad_checkpointing = args.checkpointing
+    if args.compile:
+        model.compile_blocks()
     # `norm_final` is in every checkpoint but unused by forward: frozen, or DDP waits for its
     # gradient forever
     model.norm_final.requires_grad_(False)
@@ -922,7 +921,7 @@ def train(args):
                         losses = flow_matching_loss(ddp, x1, noise, t, cap_feats, cap_mask)  # [B]
                     (losses.sum() / local).backward()   # averaged over ranks: the global mean
                 meter.add_losses(losses.detach(), t)
-                meter.flops += train_flops(config, n_params, cap_mask.sum(1).tolist(),
+                meter.flops += train_flops(config, cap_mask.sum(1).tolist(),
                                            [x[0].numel() for x in x1])
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             if torch.isfinite(grad_norm):

@@ -452,13 +452,13 @@ def test_loader_converts_to_bf16_and_infers_the_config(tmp_path):
     assert nextdit_from_state_dict(sd, dtype=None).x_embedder.weight.dtype == torch.float32
 
 
-def test_folder_prefers_consolidated_over_ema(tmp_path):
+def test_folder_prefers_the_ema_weights(tmp_path):
     write_official_consolidated(tmp_path / CONSOLIDATED, TINY, seed=3)
     write_official_consolidated(tmp_path / CONSOLIDATED_EMA, TINY, seed=4)
     (tmp_path / "model_args.pth").write_bytes(b"not weights")  # trainer folders hold other .pth files too
     w = lambda s: official_state_dict(TINY, s)["x_embedder.weight"]
-    assert torch.equal(load_nextdit(tmp_path, dtype=None).x_embedder.weight, w(3))
-    assert torch.equal(load_nextdit(tmp_path / CONSOLIDATED_EMA, dtype=None).x_embedder.weight, w(4))
+    assert torch.equal(load_nextdit(tmp_path, dtype=None).x_embedder.weight, w(4))      # the EMA
+    assert torch.equal(load_nextdit(tmp_path / CONSOLIDATED, dtype=None).x_embedder.weight, w(3))
 
 
 # the released 2B model's official key table (reference section 3), written out literally

@@ -26,7 +26,7 @@ def test_short_toy_training_writes_a_bundle_that_samples(tmp_path):
     args = sample.parse_args(["--ckpt", str(bundle), "--score", "6", "--steps", "3"])
     h, w = sample.resolve_settings(args, str(bundle))
     assert (h, w, args.system_prompt) == (64, 64, "empty")       # the bundle's own sampling defaults
-    summary = sample.score_toy(args, str(bundle), sample.pick_device("cpu"), torch.float32, h, w)
+    summary = sample.score_toy(args, str(bundle), None, torch.device("cpu"), torch.float32, h, w)
     assert set(summary) == set(toy.CATEGORIES) and all(0 <= v <= 1 for v in summary.values())
 
     def recorded_args():
@@ -55,7 +55,7 @@ def test_bundled_toy_follows_prompts_and_needs_guidance():
     def score(cfg):
         args = sample.parse_args(["--toy", "--score", "180", "--cfg", str(cfg)])
         h, w = sample.resolve_settings(args, BUNDLE)
-        return sample.score_toy(args, BUNDLE, sample.pick_device("cpu"), torch.float32, h, w)
+        return sample.score_toy(args, BUNDLE, None, torch.device("cpu"), torch.float32, h, w)
     # measured on the bundled model: 0.889 overall at the default cfg 4, 0.833 with guidance off (lower in every
     # category); 180 prompts, seed 0
     guided, unguided = score(4.0), score(1.0)

@@ -81,7 +81,7 @@ def hf_tokenizer(model_file, save_dir=None):
     return tok
 
 
-def hf_config(config):
+def hf_config(config, max_position_embeddings=64):
     """transformers Gemma2Config for one of ours (a transformers-5 config.json then spells out every field)."""
     from transformers import Gemma2Config as HFGemma2Config
 
@@ -92,8 +92,10 @@ def hf_config(config):
         query_pre_attn_scalar=config.query_pre_attn_scalar, sliding_window=config.sliding_window,
         rms_norm_eps=config.rms_norm_eps,  # layer_types: transformers derives them (an independent check of ours)
         attn_logit_softcapping=config.attn_logit_softcapping, hidden_activation="gelu_pytorch_tanh",
+        final_logit_softcapping=config.final_logit_softcapping,
         rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        max_position_embeddings=64, initializer_range=0.2, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+        max_position_embeddings=max_position_embeddings, initializer_range=0.2, pad_token_id=0, eos_token_id=1,
+        bos_token_id=2)
 
 
 def to_hub_style(config_json):
@@ -110,7 +112,8 @@ def to_hub_style(config_json):
         json.dump(d, f, indent=2)
 
 
-def write_tiny_gemma_folder(folder, seed=0, config=None, max_shard_size="100KB", hub_style=False, tokenizer=True):
+def write_tiny_gemma_folder(folder, seed=0, config=None, max_shard_size="100KB", hub_style=False, tokenizer=True,
+                            post_norm_offset=0.0, max_position_embeddings=64):
     """Write a tiny random Gemma-2 in the official layout with transformers' Gemma2ForCausalLM.save_pretrained.
 
     Weights: transformers' init with initializer_range 0.2 (attention logits of order 1, so a small soft cap is
@@ -119,6 +122,8 @@ def write_tiny_gemma_folder(folder, seed=0, config=None, max_shard_size="100KB",
     With tokenizer=True the folder also gets tokenizer.model (trained here, its vocab = config.vocab_size, which
     must then be >= ~400 for the corpus' characters + 256 byte pieces) and the transformers tokenizer files.
     hub_style=True rewrites config.json in the Hub's spelling. layer_types are left to transformers' derivation.
+    post_norm_offset is added to the post-norm offsets: ~3 makes each layer's output outweigh the embedding in the
+    residual stream, so that greedy decoding with the tied head does not just repeat its last token.
     Returns a dict: folder, config (ours), tokenizer_model (path or None)."""
     from transformers import Gemma2ForCausalLM
 
@@ -126,12 +131,12 @@ def write_tiny_gemma_folder(folder, seed=0, config=None, max_shard_size="100KB",
     config = gemma2.Gemma2Config.tiny() if config is None else config
     with torch.random.fork_rng():  # seed transformers' init without touching the caller's RNG
         torch.manual_seed(seed)
-        model = Gemma2ForCausalLM(hf_config(config)).eval()
+        model = Gemma2ForCausalLM(hf_config(config, max_position_embeddings)).eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (post_norm_offset if ".post_" in name else 0.0))
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     if hub_style:
         to_hub_style(os.path.join(folder, "config.json"))
