@@ -1,11 +1,15 @@
 """
-The training data: a .jsonl of records becomes deterministic, per-position training samples.
+The training data: a .jsonl of records (or, for the autoencoder, a folder of images) becomes
+deterministic, per-position training samples.
 
     record    {"path": "img.jpg", "prompt": "a cat"}: a line of the data file (paths relative to it)
     crop      the official aspect bucket closest to the image's aspect, about resolution^2 pixels
     caption   one variant of the prompt (short/middle/long, en/zh), drawn with the paper's ratios,
               or dropped (the empty caption, for guidance)
     position  the sample's place in the data stream; every random choice of a sample is seeded by it
+
+The autoencoder's views: fixed_crop (the fixed-size stages), the aspect buckets (the
+multi-resolution stages) and eval_crop (the reconstruction metrics); ImageSet serves the first two.
 
 So a run reads the same samples on any number of GPUs for the same global batch, and a resumed run
 continues bit for bit. Optionally the DINOv3 latents and Gemma features of every record are
@@ -25,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -87,8 +92,21 @@ def center_crop(image, size):
 
 
 def to_rgb(image):
-    """RGB; transparency is composited on white (upstream does this for RGBA and converts P/L)."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+    """8-bit RGB. Transparency is composited on white (upstream does this for RGBA and converts
+    P/L). One-channel images of more than 8 bits are scaled from the range their data is in (PIL's
+    own conversion clips them at 255, so a 16-bit scan turns white): 'I;16*' from 0..65535, 'I'
+    from 0..65535 (0..255 if no value exceeds 255), 'F' from 0..1 (0..255 if a value exceeds 1).
+    CMYK, YCbCr, 1-bit, grey and palette images go through PIL's conversion."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        a = np.asarray(image).astype(np.float64)
+        top = a.max(initial=0)
+        if image.mode == "F":
+            scale = 1.0 if top <= 1 else 255.0
+        else:
+            scale = 255.0 if image.mode == "I" and top <= 255 else 65535.0
+        grey = np.clip(np.round(a * (255.0 / scale)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
         background = Image.new("RGB", image.size, (255, 255, 255))
         background.paste(image, mask=image.getchannel("A"))
@@ -96,14 +114,58 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
+def read_image(path):
+    """An image file as 8-bit RGB (to_rgb); decoded in full here, so a truncated or corrupt file
+    fails now, not later."""
+    with Image.open(path) as im:
+        im.load()
+        return to_rgb(im)
+
+
 def load_image(path, crops):
     """The training view of an image: [3, h, w] in [-1, 1], cropped to its closest
     aspect bucket."""
-    with Image.open(path) as im:
-        im.load()
-        image = to_rgb(im)
+    image = read_image(path)
     return images_to_tensor([center_crop(image,
                                          closest_crop(image.width, image.height, crops))])[0]
+
+
+def _as_tensor(image):
+    """PIL RGB -> [1, 3, H, W] float32 with values 0..255."""
+    a = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float()
+
+
+def fixed_crop(image, size, rng):
+    """The fixed-size stages' view (upstream: albumentations SmallestMaxSize + RandomCrop, no flip):
+    the smaller side resized to `size` (bilinear, half-pixel centres, no antialiasing: cv2's
+    INTER_LINEAR, rounded to uint8 as cv2 does), then a size x size crop at an offset drawn
+    uniformly from `rng` (a numpy Generator). -> [3, size, size] in [-1, 1]."""
+    x = _as_tensor(image)
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False,
+                          antialias=False).round().clamp(0, 255)
+    top, left = int(rng.integers(0, nh - size + 1)), int(rng.integers(0, nw - size + 1))
+    return x[0, :, top:top + size, left:left + size] / 127.5 - 1
+
+
+def eval_crop(image, size=256):
+    """The reconstruction metrics' view (upstream evaluate_tokenizer.py: ToTensor, Resize(size),
+    CenterCrop(size)): values in [0, 1], the smaller side resized to `size` and the other to
+    int(size * long / short) (torchvision's rule), bilinear with antialiasing (torchvision's tensor
+    resize); the centre crop at rounded offsets. -> [3, size, size] in [-1, 1]."""
+    x = _as_tensor(image) / 255
+    h, w = x.shape[-2:]
+    short, long = min(h, w), max(h, w)
+    other = int(size * long / short)
+    nh, nw = (size, other) if h <= w else (other, size)
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    return x[0, :, top:top + size, left:left + size] * 2 - 1
 
 
 # -------------------------------------------------------------------------------------------------
@@ -197,6 +259,46 @@ class Records:
         return parse_record(self._file.readline(), self.base, self.where(i), self.default_system)
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm")
+
+
+class ImageFolder:
+    """Every image file under a folder, recursively (e.g. an ImageNet train folder), as records
+    {"path"} in the order of their relative paths. The paths live in one byte string with
+    offsets: a million files cost a few bytes each, not a Python string each."""
+
+    def __init__(self, folder):
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"image folder not found: {folder}")
+        self.path = folder
+        names = sorted(os.path.relpath(os.path.join(root, f), folder)
+                       for root, _, files in os.walk(folder, followlinks=True)
+                       for f in files if f.lower().endswith(IMAGE_SUFFIXES))
+        if not names:
+            raise ValueError(f"{folder}: no image files under it (looked for "
+                             f"{', '.join(IMAGE_SUFFIXES)})")
+        encoded = [n.encode() for n in names]
+        self.blob = b"".join(encoded)
+        self.offsets = np.cumsum([0] + [len(n) for n in encoded], dtype=np.int64)
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def name(self, i):
+        return self.blob[self.offsets[i]:self.offsets[i + 1]].decode()
+
+    def where(self, i):
+        return os.path.join(self.path, self.name(i))
+
+    def __getitem__(self, i):
+        return {"path": self.where(i)}
+
+
+def open_records(path, default_system="base"):
+    """Training images: a folder of images (ImageFolder) or a .jsonl of records (Records)."""
+    return ImageFolder(path) if os.path.isdir(path) else Records(path, default_system)
+
+
 def choose_caption(captions, rng, dropout, length_ratios, zh_ratio):
     """(language, length) of the caption to train on, or None: dropped (the empty string, for CFG).
     Exactly three draws, so the stream never depends on the record."""
@@ -274,6 +376,21 @@ class Positions(torch.utils.data.Sampler):
                 yield p, self.index(p)
 
 
+def first_readable(records, index, load, tries=64):
+    """(i, load(i), skipped) for the first record from `index` on (wrapping around) that load()
+    reads; skipped lists the (record, reason) pairs passed over, so the trainer can warn and count.
+    Any decoding error of any image library counts as unreadable; `tries` in a row is an error."""
+    skipped = []
+    for k in range(tries):
+        i = (index + k) % len(records)
+        try:
+            return i, load(i), skipped
+        except Exception as e:
+            skipped.append((i, describe(e)))
+    raise ValueError(f"{records.path}: {tries} records in a row from {records.where(index)} "
+                     f"could not be read (last: {skipped[-1][1]})")
+
+
 class TrainSet(torch.utils.data.Dataset):
     """Item (position, index) -> one training sample: the image
     (or, with a cache, its latent and caption features), the caption text and the seed of its t and
@@ -304,18 +421,7 @@ class TrainSet(torch.utils.data.Dataset):
     def __getitem__(self, item):
         position, index = item
         caption_seed, noise_seed = sample_seeds(self.seed, self.resolution, position)
-        skipped = []
-        for k in range(self.MAX_TRIES):
-            i = (index + k) % len(self.records)
-            try:
-                record, data = self.load(i)
-                break
-            except Exception as e:  # any decoding error of any image library: skip, report, go on
-                skipped.append((i, describe(e)))
-        else:
-            raise ValueError(f"{self.records.path}: {self.MAX_TRIES} records in a row from line "
-                             f"{self.records.lines[index]} could not be read (last: "
-                             f"{skipped[-1][1]})")
+        i, (record, data), skipped = first_readable(self.records, index, self.load, self.MAX_TRIES)
         choice = choose_caption(record["captions"], random.Random(caption_seed), self.dropout,
                                 self.ratios, self.zh_ratio)
         out = {"position": position, "index": i, "noise_seed": noise_seed, "skipped": skipped,
@@ -326,6 +432,37 @@ class TrainSet(torch.utils.data.Dataset):
             out["latent"] = data["latent"]
             out["text_feats"] = self.cache.empty if choice is None else data[Cache.text_key(choice)]
         return out
+
+
+class ImageSet(torch.utils.data.Dataset):
+    """The autoencoder's training images. Item (position, index) -> {"position", "index",
+    "image" [3, h, w] in [-1, 1], "skipped"}. crops="fixed": fixed_crop at `resolution`, its offset
+    drawn from the position's seed; crops="buckets": the aspect bucket crop of load_image. An
+    unreadable image is replaced by the next record (first_readable)."""
+
+    MAX_TRIES = 64
+
+    def __init__(self, records, crops, resolution, seed):
+        self.records, self.crops, self.resolution, self.seed = records, crops, resolution, seed
+        self.buckets = crops_for(resolution) if crops == "buckets" else None
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, item):
+        position, index = item
+        rng = np.random.default_rng(sample_seeds(self.seed, self.resolution, position)[0])
+
+        def load(i):
+            path = self.records[i]["path"]
+            try:
+                if self.buckets is not None:
+                    return load_image(path, self.buckets)
+                return fixed_crop(read_image(path), self.resolution, rng)
+            except Exception as e:
+                raise ValueError(f"{path}: {describe(e)}") from None
+        i, image, skipped = first_readable(self.records, index, load, self.MAX_TRIES)
+        return {"position": position, "index": i, "image": image, "skipped": skipped}
 
 
 def collate(items):

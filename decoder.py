@@ -363,6 +363,37 @@ class ResidualViT(nn.Module):
         self.heads = nn.Sequential(nn.Linear(c.dim, c.dim), nn.GELU(),
                                    nn.Linear(c.dim, c.out_channels))
 
+    @torch.no_grad()
+    def reset_parameters(self):
+        """The official initialisation, for training from scratch (loading overwrites it): Linear
+        weights N(0, 0.02) (timm's trunc_normal_, whose +-2 bounds never bite at this std), biases
+        0, LayerNorms 1 / 0, cls token N(0, 0.02), LayerScale 1e-4, patch embedding and the output
+        head at PyTorch's defaults (upstream builds the head after its init pass), and per block
+        and head RoPE-Mixed frequencies of magnitude 10^(-4j / head_dim), j = 0 .. head_dim/4 - 1,
+        along x at a random angle a and along y at a + pi/2 (init_random_2d_freqs, theta 10)."""
+        c = self.config
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.ones_(self.norm.weight)
+        nn.init.zeros_(self.norm.bias)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for block in self.blocks:
+            block.gamma_1.fill_(1e-4)
+            block.gamma_2.fill_(1e-4)
+        head_dim = c.dim // c.num_heads
+        mag = 10.0 ** (-torch.arange(0, head_dim, 4)[:head_dim // 4].float() / head_dim)
+        angles = torch.rand(c.depth, c.num_heads, 1) * 2 * torch.pi        # one per block and head
+        both = torch.cat([angles, angles + torch.pi / 2], dim=-1)           # [depth, heads, 2]
+        fx = (mag.view(1, 1, 1, -1) * both.cos().unsqueeze(-1)).flatten(2)  # [depth, heads, hd/2]
+        fy = (mag.view(1, 1, 1, -1) * both.sin().unsqueeze(-1)).flatten(2)
+        self.freqs.copy_(torch.stack([fx, fy]).view(2, c.depth, c.dim // 2))
+        return self
+
     def forward(self, x):
         p = self.config.patch_size
         if x.dim() != 4 or x.shape[1] != 3:

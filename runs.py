@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import accumulate_stats
+from data import Positions, accumulate_stats, collate
 from svgt2i import atomic_write, pick_device
 
 
@@ -258,6 +258,126 @@ def truncate_log(path, step):
         kept = [line for line in path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
         atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+
+
+def load_fitting(model, sd, source, d):
+    """--init-from: load what fits, tensors with the model's names and shapes; mis-shaped and
+    unknown ones are dropped and missing ones left at their init, each group named in a warning
+    (upstream's init: strict=False after dropping mis-shaped keys). Returns the keys loaded."""
+    own = model.state_dict()
+    fits = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    if not fits:
+        raise UsageError(f"{source}: no tensor matches the model (is it a checkpoint of this "
+                         "model, of this size?)")
+    misshaped = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd
+                 if k in own and k not in fits]
+    unknown = [k for k in sd if k not in own]
+    missing = [k for k in own if k not in sd]
+    for what, keys in (("mis-shaped (dropped)", misshaped), ("unknown (dropped)", unknown),
+                       ("missing (left at init)", missing)):
+        if keys:
+            more = " ..." if len(keys) > 6 else ""
+            d.log(f"warning: {source}: {len(keys)} {what}: {', '.join(keys[:6])}{more}")
+    model.load_state_dict(fits, strict=False)
+    d.log(f"initialised {len(fits)}/{len(own)} tensors from {source}")
+    return set(fits)
+
+
+def batch_plan(args, d):
+    """(images per rank and step, micro-batches per step): global batch = ranks x accumulation x
+    micro-batch; args.micro_batch defaults to the whole local batch."""
+    local = args.global_batch // d.world
+    if args.global_batch % d.world:
+        sizes = [n for n in range(1, min(args.global_batch, 64) + 1) if args.global_batch % n == 0]
+        raise UsageError(f"--global-batch {args.global_batch} is not divisible by the world size "
+                         f"{d.world}: run on {', '.join(map(str, sizes))} processes, or pass a "
+                         f"--global-batch divisible by {d.world}")
+    args.micro_batch = args.micro_batch or local
+    if args.micro_batch < 1 or local % args.micro_batch:
+        raise UsageError(f"--global-batch {args.global_batch} = {d.world} ranks x {local}, and "
+                         f"{local} is not a multiple of --micro-batch {args.micro_batch}")
+    return local, local // args.micro_batch
+
+
+def data_stream(args, d, dataset, position, steps):
+    """This rank's micro-batches (lists of dataset items) for the next `steps` steps, from global
+    position `position` on: data.Positions over the dataset's records, seeded by (args.seed,
+    args.resolution), args.micro_batch items at a time, args.workers loader processes."""
+    sampler = Positions(len(dataset), args.seed, args.resolution, position, steps,
+                        args.global_batch, d.rank, d.world)
+    return iter(torch.utils.data.DataLoader(dataset, batch_size=args.micro_batch, sampler=sampler,
+                                            num_workers=args.workers, collate_fn=collate,
+                                            prefetch_factor=4 if args.workers else None))
+
+
+def absolute_paths(args, names):
+    """Make the path arguments `names` (and --resume DIR) absolute: a run can change directory."""
+    for name in names:
+        if getattr(args, name):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
+    if args.resume and args.resume != "latest":
+        args.resume = os.path.abspath(args.resume)
+    return args
+
+
+def run_state(d, counters, skipped, **extra):
+    """What a checkpoint's state.pt holds, gathered from every rank (all ranks call it): the
+    counters, the world size, each rank's generators and skipped-image count. None off rank 0."""
+    per_rank = d.gather((rng_state(d.device), skipped))
+    if not d.main:
+        return None
+    return {**counters, **extra, "world_size": d.world, "rng": [r for r, _ in per_rank],
+            "skipped": [n for _, n in per_rank]}
+
+
+def restore_run_state(folder, d):
+    """A checkpoint's state.pt, with this rank's generators restored when the world size is the
+    same (nothing of the training itself depends on them). Returns (state, this rank's skipped
+    count: rank 0 carries the total when the world size changed)."""
+    state = torch.load(Path(folder) / "state.pt", weights_only=True)
+    skipped = sum(state["skipped"]) if d.main else 0
+    if state["world_size"] == d.world:
+        set_rng_state(state["rng"][d.rank], d.device)
+        skipped = state["skipped"][d.rank]
+    d.log(f"resumed from {folder} at step {state['step']}")
+    return state, skipped
+
+
+def warn_skipped(items, records, warned, d):
+    """Warn once per unreadable record the dataset skipped (items carry "skipped": [(record,
+    reason)]), and once per record without a prompt (a DiT item's "no_prompt": trained on the
+    empty caption, as upstream); returns how many skips the items carry."""
+    n = 0
+    for it in items:
+        for i, reason in it["skipped"]:
+            n += 1
+            if i not in warned:
+                warned.add(i)
+                d.warn(f"warning: skipped {records.where(i)} ({reason})")
+        if it.get("no_prompt") and ("prompt", it["index"]) not in warned:
+            warned.add(("prompt", it["index"]))
+            count = sum(1 for w in warned if isinstance(w, tuple))
+            d.warn(f"warning: {records.where(it['index'])} has no prompt: trained with the empty "
+                   f"caption ({count} such record{'s' if count > 1 else ''} so far)")
+    return n
+
+
+@contextlib.contextmanager
+def command_line(name):
+    """The entry points' error rule: bad input (UsageError, ValueError, FileNotFoundError) is one
+    line `NAME: error: ...` on stderr (rank-prefixed under torchrun; a usage error, which every
+    rank meets, said by rank 0 only) and exit code 2; the process group is closed either way."""
+    try:
+        yield
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if rank == 0 or not isinstance(e, UsageError):   # every rank has a usage error: say it once
+            prefix = f"[rank {rank}] " if world > 1 else ""
+            print(f"{prefix}{name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def rng_state(device):

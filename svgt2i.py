@@ -482,6 +482,12 @@ def match_distribution(h, h_res):
     return (h_res - mu_r) / (sd_r + 1e-6) * sd_h + mu_h
 
 
+def with_residual(h, h_res):
+    """Autoencoder-R's latent tokens: DINO [B, 384, N] and the matched residual [B, 8, N] ->
+    [B, 392, N]."""
+    return torch.cat([h, match_distribution(h, h_res)], dim=1)
+
+
 def check_image_size(height, width):
     if height % 16 or width % 16 or height <= 0 or width <= 0:
         raise ValueError(f"image size {height}x{width} (HxW) is not a multiple of 16: use sizes "
@@ -515,12 +521,15 @@ class Autoencoder(nn.Module):
         B, _, H, W = images.shape
         check_image_size(H, W)
         dtype = next(self.encoder.parameters()).dtype
-        x = ((images.float() + 1) / 2 - self.pixel_mean) / self.pixel_std  # ImageNet normalisation
+        x = self.pixels(images)
         h = self.encoder(x.to(dtype)).transpose(1, 2)                       # [B, 384, N]
         if self.residual is not None:
-            h_res = self.residual(x.to(dtype))                                  # [B, 8, N]
-            h = torch.cat([h, match_distribution(h, h_res)], dim=1)            # [B, 392, N]
+            h = with_residual(h, self.residual(x.to(dtype)))                # [B, 392, N]
         return h.reshape(B, -1, H // 16, W // 16)                               # row-major tokens
+
+    def pixels(self, images):
+        """What the encoders see: [-1, 1] images ImageNet-normalised (fp32)."""
+        return ((images.float() + 1) / 2 - self.pixel_mean) / self.pixel_std
 
     def decode(self, latents):
         dtype = next(self.decoder.parameters()).dtype

@@ -66,14 +66,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from data import Cache, Positions, Records, TrainSet, caption_texts, collate, crops_for
+from data import Cache, Records, TrainSet, caption_texts, crops_for
 from nextdit import PRESETS, NextDiT, NextDiTConfig, nextdit_keymap
-from runs import (Dist, HelpFormatter, Progress, UsageError, check_replicas, compute_stats,
-                  device_mesh, fmt_time, load_full_optimizer, load_sharded, open_run, read_into,
-                  resume_folder, rng_state, save_checkpoint, save_sharded, set_rng_state, shard,
-                  stop_on_signals, truncate_log, write_safetensors)
+from runs import (Dist, HelpFormatter, Progress, UsageError, absolute_paths, batch_plan,
+                  check_replicas, command_line, compute_stats, data_stream, device_mesh, fmt_time,
+                  load_fitting, load_full_optimizer, load_sharded, open_run, read_into,
+                  restore_run_state, resume_folder, run_state, save_checkpoint, save_sharded, shard,
+                  stop_on_signals, truncate_log, warn_skipped, write_safetensors)
 from svgt2i import (GEMMA_DIRS, RELEASE_DIRS, SYSTEM_PROMPTS, Autoencoder, TextEncoder,
                     atomic_write, checkpoint_folder, default_folder, find_weights,
                     flow_matching_loss, load_autoencoder, load_dinov3, load_gemma2,
@@ -343,32 +343,14 @@ def init_weights_file(path, prefer_ema):
 
 
 def load_init_weights(model, file, d):
-    """Load what fits: tensors with our names and shapes; mismatched or unknown ones are dropped
-    with a warning (upstream's --init_from: strict=False after dropping mis-shaped keys)."""
-    sd = nextdit_keymap(read_state_dict(str(file)))
-    own = model.state_dict()
-    fits = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
-    if not fits:
-        raise UsageError(f"--init-from {file}: no tensor matches the model (is it a NextDiT "
-                         "checkpoint of this size?)")
-    misshaped = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd
-                 if k in own and k not in fits]
-    unknown = [k for k in sd if k not in own]
-    missing = [k for k in own if k not in sd]
-    for what, keys in (("mis-shaped (dropped)", misshaped), ("unknown (dropped)", unknown),
-                       ("missing (left at init)", missing)):
-        if keys:
-            more = " ..." if len(keys) > 6 else ""
-            d.log(f"warning: --init-from {file}: {len(keys)} {what}: {', '.join(keys[:6])}{more}")
-    model.load_state_dict(fits, strict=False)
-    d.log(f"initialised {len(fits)}/{len(own)} tensors from {file}")
+    """Load what fits (runs.load_fitting) of a NextDiT checkpoint."""
+    load_fitting(model, nextdit_keymap(read_state_dict(str(file))), f"--init-from {file}", d)
 
 
 def resume(folder, model, ema, opt, args, d):
     """Model, EMA, optimizer and run state from a checkpoint of either mode, into this run's
     (sharded or not: each rank keeps its part). Returns
     (step, position, ema updates, this rank's skipped-image count)."""
-    device = d.device
     try:
         if (folder / "dcp").is_dir():       # --parallel fsdp's: resharded to this run's layout
             load_sharded(folder / "dcp", model, opt, ema=ema)
@@ -382,14 +364,9 @@ def resume(folder, model, ema, opt, args, d):
                          "--model/--model-config") from None
     for group in opt.param_groups:    # the command line wins (upstream resets lr and wd on resume)
         group.update(lr=args.lr, weight_decay=args.weight_decay, betas=ADAM_BETAS, eps=ADAM_EPS)
-    state = torch.load(folder / "state.pt", weights_only=True)
+    state, skipped = restore_run_state(folder, d)
     if d.main:      # the steps after the checkpoint will be logged again
         truncate_log(Path(args.out) / "log.jsonl", state["step"])
-    skipped = sum(state["skipped"]) if d.main else 0
-    if state["world_size"] == d.world:    # (nothing of the training itself depends on these)
-        set_rng_state(state["rng"][d.rank], device)
-        skipped = state["skipped"][d.rank]
-    d.log(f"resumed from {folder} at step {state['step']}")
     return state["step"], state["position"], state["ema_updates"], skipped
 
 
@@ -646,12 +623,8 @@ def finish_args(args):
         if not isinstance(args.model_config, dict):
             raise UsageError("--model-config: a JSON object of NextDiTConfig fields, e.g. "
                              "'{\"n_layers\": 8}'")
-    for name in ("data", "out", "autoencoder", "dinov3", "gemma", "stats", "cache", "init_from"):
-        if getattr(args, name):
-            setattr(args, name, os.path.abspath(getattr(args, name)))
-    if args.resume and args.resume != "latest":
-        args.resume = os.path.abspath(args.resume)
-    return args
+    return absolute_paths(args, ("data", "out", "autoencoder", "dinov3", "gemma", "stats", "cache",
+                                 "init_from"))
 
 
 def build_config(args, latent_channels, text_dim):
@@ -716,21 +689,6 @@ def open_folders(args, d):
     if args.init_from and not resume_dir:
         init_file = init_weights_file(args.init_from, args.init_from_ema)
     return out, resume_dir, init_file
-
-
-def batch_plan(args, d):
-    """(images per rank and step, micro-batches per step): global batch = ranks x accum x micro."""
-    local = args.global_batch // d.world
-    if args.global_batch % d.world:
-        sizes = [n for n in range(1, min(args.global_batch, 64) + 1) if args.global_batch % n == 0]
-        raise UsageError(f"--global-batch {args.global_batch} is not divisible by the world size "
-                         f"{d.world}: run on {', '.join(map(str, sizes))} processes, or pass a "
-                         f"--global-batch divisible by {d.world}")
-    args.micro_batch = args.micro_batch or local
-    if args.micro_batch < 1 or local % args.micro_batch:
-        raise UsageError(f"--global-batch {args.global_batch} = {d.world} ranks x {local}, and "
-                         f"{local} is not a multiple of --micro-batch {args.micro_batch}")
-    return local, local // args.micro_batch
 
 
 def parallel_plan(args, d):
@@ -804,15 +762,11 @@ def build_model(args, config, d, init_file, bf16):
     return model, params, opt, ema
 
 
-def data_stream(args, d, records, crops, cache, position, steps):
+def data_stream_of(args, d, records, crops, cache, position, steps):
     """This rank's micro-batches for the next `steps` steps, from global position `position` on."""
-    sampler = Positions(len(records), args.seed, args.resolution, position, steps,
-                        args.global_batch, d.rank, d.world)
     dataset = TrainSet(records, crops, args.seed, args.resolution, args.caption_dropout,
                        args.caption_ratios, args.zh_ratio, cache)
-    return iter(torch.utils.data.DataLoader(dataset, batch_size=args.micro_batch, sampler=sampler,
-                                            num_workers=args.workers, collate_fn=collate,
-                                            prefetch_factor=4 if args.workers else None))
+    return data_stream(args, d, dataset, position, steps)
 
 
 def run_record(args, paths, config):
@@ -831,11 +785,9 @@ def save(d, out, model, ema, opt, counters, skipped, run_info, stats_path, args)
     rank's generators and skipped count), run.json, latent_stats.pt. Every rank calls it."""
     sharded = args.parallel == "fsdp"
     check_replicas(model, d, shards=(args.hsdp_shard or d.world) if sharded else 1)
-    per_rank = d.gather((rng_state(d.device), skipped))
+    state = run_state(d, counters, skipped, seed=args.seed, resolution=args.resolution,
+                      parallel=args.parallel)
     step, meta = counters["step"], {"format": "pt", "step": str(counters["step"])}
-    state = {**counters, "world_size": d.world, "rng": [r for r, _ in per_rank],
-             "skipped": [n for _, n in per_rank], "seed": args.seed, "resolution": args.resolution,
-             "parallel": args.parallel}
 
     def write(folder):      # on every rank: the full files are gathered tensor by tensor
         write_safetensors(folder / "model.safetensors", model.state_dict(), d.main, meta)
@@ -890,7 +842,7 @@ def train(args):
     run_info = run_record(args, paths, config)
 
     # Data: this rank's slice of the global positions still to come
-    batches = data_stream(args, d, records, crops, cache, position, max(0, args.steps - step))
+    batches = data_stream_of(args, d, records, crops, cache, position, max(0, args.steps - step))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     shift_len = (args.resolution // 16) ** 2    # the time shift follows the anchor's token count
     d.log(f"NextDiT {args.model}: {n_params / 1e6:.2f}M trainable parameters, "
@@ -954,41 +906,14 @@ def train(args):
     return out
 
 
-def warn_skipped(items, records, warned, d):
-    """Warn once per unreadable record the dataset skipped, and once per record without a prompt
-    (trained on the empty caption, as upstream); returns how many skips the items carry."""
-    n = 0
-    for it in items:
-        for i, reason in it["skipped"]:
-            n += 1
-            if i not in warned:
-                warned.add(i)
-                d.warn(f"warning: skipped {records.where(i)} ({reason})")
-        if it["no_prompt"] and ("prompt", it["index"]) not in warned:
-            warned.add(("prompt", it["index"]))
-            count = sum(1 for w in warned if isinstance(w, tuple))
-            d.warn(f"warning: {records.where(it['index'])} has no prompt: trained with the empty "
-                   f"caption ({count} such record{'s' if count > 1 else ''} so far)")
-    return n
-
-
 def main(argv=None):
     args = parse_args(argv)
-    try:
+    with command_line("train.py"):
         if args.toy:        # the toy model: toy.py prepares its parts, then train() runs its DiT
             import toy
             toy.train(args)
         else:
             train(finish_args(args))
-    except (UsageError, ValueError, FileNotFoundError) as e:
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        if rank == 0 or not isinstance(e, UsageError):   # every rank has a usage error: say it once
-            prefix = f"[rank {rank}] " if world > 1 else ""
-            print(f"{prefix}train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@ the data stream's independence of the world size."""
 
 import random
 
+import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import data
@@ -75,3 +78,85 @@ def test_data_stream_is_independent_of_world_size():
     assert sorted(i for _, i in one[:10]) == list(range(10))        # an epoch is a permutation
     later = list(data.Positions(10, 3, 256, 12, 2, 6, 0, 1))        # resumed after 2 steps
     assert later == one[12:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Image modes, the autoencoder's views, image folders
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda: Image.fromarray(np.array([[0, 65535, 32768]], dtype=np.uint16)), [0, 255, 128]),     # I;16: /257
+    (lambda: Image.fromarray(np.array([[0, 1000, 65535]], dtype=np.int32)), [0, 4, 255]),        # I, 16-bit data
+    (lambda: Image.fromarray(np.array([[0, 100, 255]], dtype=np.int32)), [0, 100, 255]),         # I, 8-bit data
+    (lambda: Image.fromarray(np.array([[0, 0.5, 1.0]], dtype=np.float32)), [0, 128, 255]),       # F in [0, 1]
+    (lambda: Image.fromarray(np.array([[0, 100, 200]], dtype=np.float32)), [0, 100, 200]),       # F in 0..255
+])
+def test_to_rgb_scales_deep_grey_images_by_their_range(make, expected):
+    im = make()
+    assert im.mode in ("I;16", "I", "F")
+    out = data.to_rgb(im)
+    assert out.mode == "RGB" and [out.getpixel((x, 0)) for x in range(3)] == [(v, v, v) for v in expected]
+
+
+def test_pil_alone_clips_deep_grey_images():      # why to_rgb scales them itself
+    assert Image.fromarray(np.array([[32768]], dtype=np.uint16)).convert("RGB").getpixel((0, 0)) == (255, 255, 255)
+    assert Image.fromarray(np.array([[0.5]], dtype=np.float32)).convert("RGB").getpixel((0, 0)) == (0, 0, 0)
+
+
+def test_to_rgb_composites_transparency_on_white_and_converts_the_rest():
+    cmyk = Image.new("CMYK", (1, 1), (255, 0, 0, 0))                      # pure cyan ink
+    assert data.to_rgb(cmyk).getpixel((0, 0)) == (0, 255, 255)
+    rgba = Image.new("RGBA", (2, 1), (200, 10, 10, 255))
+    rgba.putpixel((1, 0), (200, 10, 10, 0))
+    assert [data.to_rgb(rgba).getpixel((x, 0)) for x in range(2)] == [(200, 10, 10), (255, 255, 255)]
+    la = Image.new("LA", (1, 1), (30, 0))
+    assert data.to_rgb(la).getpixel((0, 0)) == (255, 255, 255)
+    p = Image.new("P", (1, 1), 0)
+    p.info["transparency"] = 0
+    assert data.to_rgb(p).getpixel((0, 0)) == (255, 255, 255)
+    assert data.to_rgb(Image.new("L", (1, 1), 77)).getpixel((0, 0)) == (77, 77, 77)
+    assert data.to_rgb(Image.new("1", (1, 1), 1)).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_fixed_crop_resizes_the_smaller_side_and_crops_at_a_drawn_offset():
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 256, (40, 64, 3), dtype=np.uint8))           # 64 wide, 40 high
+    out = data.fixed_crop(im, 32, np.random.default_rng(5))
+    x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)[None].float()
+    resized = F.interpolate(x, size=(32, 51), mode="bilinear", align_corners=False).round()   # 64 * 32/40 = 51.2
+    g = np.random.default_rng(5)
+    top, left = int(g.integers(0, 1)), int(g.integers(0, 51 - 32 + 1))
+    assert out.shape == (3, 32, 32)
+    torch.testing.assert_close(out, resized[0, :, top:top + 32, left:left + 32] / 127.5 - 1, rtol=0, atol=0)
+    same = data.fixed_crop(Image.fromarray(np.asarray(im)[:32, :32]), 32, np.random.default_rng(1))
+    torch.testing.assert_close(same, x[0, :, :32, :32] / 127.5 - 1, rtol=0, atol=0)     # the right size: as is
+
+
+@pytest.mark.parametrize("w, h, resized, offset", [(300, 200, (256, 384), (0, 64)), (200, 330, (422, 256), (83, 0)),
+                                                   (256, 256, (256, 256), (0, 0))])
+def test_eval_crop_follows_torchvision_resize_and_center_crop(w, h, resized, offset):
+    im = Image.fromarray(np.random.default_rng(w).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)[None].float() / 255
+    if resized != (h, w):   # Resize(256): smaller side 256, the other int(256 * long / short); bilinear, antialiased
+        x = F.interpolate(x, size=resized, mode="bilinear", align_corners=False, antialias=True)
+    top, left = offset      # CenterCrop(256): offsets round((size - 256) / 2)
+    expected = x[0, :, top:top + 256, left:left + 256] * 2 - 1
+    torch.testing.assert_close(data.eval_crop(im), expected, rtol=0, atol=0)
+
+
+def test_image_folder_is_recursive_sorted_and_skips_other_files(tmp_path):
+    for rel in ["b/2.png", "a/z/1.JPEG", "a/0.webp", "c.txt", "b/notes.json"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    f = data.ImageFolder(str(tmp_path))
+    assert len(f) == 3 and [f.name(i) for i in range(3)] == ["a/0.webp", "a/z/1.JPEG", "b/2.png"]
+    assert f[1] == {"path": str(tmp_path / "a/z/1.JPEG")} and f.where(2) == str(tmp_path / "b/2.png")
+    assert isinstance(data.open_records(str(tmp_path)), data.ImageFolder)
+    (tmp_path / "paths.jsonl").write_text('{"path": "b/2.png"}\n')               # a .jsonl of paths only
+    r = data.open_records(str(tmp_path / "paths.jsonl"))
+    assert isinstance(r, data.Records) and r[0]["path"] == str(tmp_path / "b/2.png")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image files"):
+        data.ImageFolder(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="3 records in a row"):                 # nothing readable: an error
+        data.first_readable(f, 0, lambda i: data.read_image(f[i]["path"]), tries=3)

@@ -26,14 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHORT_SYSTEM = "Picture: "          # a short literal system prompt keeps the tiny runs fast
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny runs are all overhead: one intra-op thread is several times faster on a busy 2-core machine (and
-    the subprocesses get OMP_NUM_THREADS=1, so in-process and subprocess runs compute the same bits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")     # conftest.py: tiny runs, one intra-op thread
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,11 @@ from safetensors.torch import load_file
 
 import runs
 import train
-from test_train import common, log_records, run_cli, one_thread, world  # noqa: F401 (fixtures)
+from test_train import common, log_records, run_cli, world  # noqa: F401 (world: a fixture)
 from train_helpers import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")     # conftest.py: tiny runs, one intra-op thread
 
 
 def args_for(world, out, steps, *extra):

@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 import runs
 import sample
 import train
-from test_train import common, log_records, run_cli, one_thread, world  # noqa: F401 (fixtures)
+from test_train import common, log_records, run_cli, world  # noqa: F401 (world: a fixture)
 
 STEPS, SAVE = 6, 3
+pytestmark = pytest.mark.usefixtures("one_thread")     # conftest.py: tiny runs, one intra-op thread
 
 
 def args_for(world, out, *extra):

@@ -12,8 +12,8 @@ no hyper_parameters: the official DinoDecoder never calls save_hyperparameters):
     extra_vit.*  residual RoPE-Mixed ViT (R only), incl. the unused head.* and the freqs_t_x/_y 64x64-grid buffers
     norm_vit.*   unused LayerNorm(40) (R only)
     decoder.*    the conv decoder
-    loss.*       LPIPS + PatchGAN discriminator + logvar: official key names, shrunken widths (training-only;
-                 every loader ignores them, so only their names matter)
+    loss.*       LPIPS + PatchGAN discriminator + logvar: official key names, shrunken widths (training-only:
+                 load_autoencoder ignores them; train_autoencoder.py --init-from reads them)
 """
 
 import math
@@ -114,9 +114,10 @@ def residual_layout(dim, depth, mlp_hidden, patch_size, out_channels, grid=64):
 
 
 def loss_layout():
-    """Official `loss.*` key names (taming LPIPSWithDiscriminator: logvar, LPIPS-VGG16, PatchGAN) at tiny widths."""
-    out = [("logvar", [], "zero"), ("perceptual_loss.scaling_layer.shift", [1, 3, 1, 1], "b"),
-           ("perceptual_loss.scaling_layer.scale", [1, 3, 1, 1], "gn_w")]
+    """Official `loss.*` key names (taming LPIPSWithDiscriminator: logvar, LPIPS-VGG16, PatchGAN) at tiny widths; the
+    LPIPS input constants are the real ones (the loader checks them), the lin weights positive (as trained ones)."""
+    out = [("logvar", [], "zero"), ("perceptual_loss.scaling_layer.shift", [1, 3, 1, 1], "lpips_shift"),
+           ("perceptual_loss.scaling_layer.scale", [1, 3, 1, 1], "lpips_scale")]
     vgg = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]  # conv indices inside torchvision's vgg16.features
     slices = {0: 1, 2: 1, 5: 2, 7: 2, 10: 3, 12: 3, 14: 3, 17: 4, 19: 4, 21: 4, 24: 5, 26: 5, 28: 5}
     cin = 3
@@ -126,7 +127,7 @@ def loss_layout():
                 (f"perceptual_loss.net.slice{slices[idx]}.{idx}.bias", [cout], "b")]
         cin = cout
     for i, c in enumerate([2, 4, 8, 16, 16]):
-        out.append((f"perceptual_loss.lin{i}.model.1.weight", [1, c, 1, 1], "w"))
+        out.append((f"perceptual_loss.lin{i}.model.1.weight", [1, c, 1, 1], "gn_w"))
     d = "discriminator.main"
     out += [(f"{d}.0.weight", [2, 3, 4, 4], "w"), (f"{d}.0.bias", [2], "b")]
     cin = 2
@@ -151,6 +152,10 @@ def _tensor(shape, kind, g, heads=1):
         return 0.2 + 0.1 * torch.randn(shape, generator=g)
     if kind == "small":
         return 0.02 * torch.randn(shape, generator=g)
+    if kind == "lpips_shift":   # taming's ScalingLayer buffers
+        return torch.tensor([-0.030, -0.088, -0.188]).view(shape)
+    if kind == "lpips_scale":
+        return torch.tensor([0.458, 0.448, 0.450]).view(shape)
     if kind == "zero":
         return torch.zeros(shape)
     if kind == "count":

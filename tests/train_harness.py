@@ -1,7 +1,7 @@
-"""train.py with test instruments, which the user command line does not have. Run as a script (torchrun can
-launch it) or use `instruments` in-process:
+"""train.py (or train_autoencoder.py) with test instruments, which the user command lines do not have. Run as a
+script (torchrun can launch it) or use `instruments` in-process:
 
-    python tests/train_harness.py [--kill-after-step N] [--dump-grads] -- TRAIN.PY ARGUMENTS
+    python tests/train_harness.py [--trainer train_autoencoder] [--kill-after-step N] [--dump-grads] -- ARGUMENTS
 
 --kill-after-step N  SIGKILL this process when step N + 1 begins its update (step N is logged and, if it is a
                      save step, checkpointed), to prove that a killed run resumes exactly
@@ -9,8 +9,9 @@ launch it) or use `instruments` in-process:
                      OUT/grads-{step:07d}-rank{r}.safetensors, keys p000, p001, ... in parameter order (full
                      tensors: with --parallel fsdp every rank gathers each sharded gradient)
 
-Both hook torch.nn.utils.clip_grad_norm_, which train.py calls once per optimizer step, after backward; steps
-are numbered as the run numbers them (a resumed run counts on from its checkpoint).
+Both hook torch.nn.utils.clip_grad_norm_, which both trainers call once per step, after backward (train_autoencoder.py
+on the autoencoder's parameters, before their update); steps are numbered as the run numbers them (a resumed run
+counts on from its checkpoint).
 """
 
 import argparse
@@ -66,12 +67,14 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--kill-after-step", type=int, default=None)
     p.add_argument("--dump-grads", action="store_true")
+    p.add_argument("--trainer", choices=["train", "train_autoencoder"], default="train")
     mine, theirs = p.parse_args(argv[:split]), argv[split + 1:]
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import train
+    import importlib
+    trainer = importlib.import_module(mine.trainer)
     out = theirs[theirs.index("--out") + 1]
     with instruments(out, mine.kill_after_step, mine.dump_grads):
-        train.main(theirs)
+        trainer.main(theirs)
 
 
 if __name__ == "__main__":
