@@ -491,46 +491,49 @@ def write_data(folder, n, seed=TRAIN_SEED):
     return atomic_write(folder / "data.jsonl", lambda tmp: tmp.write_text(text))
 
 
-def train_decoder(ae_path, images, steps, batch=16, lr=2e-3, seed=0, log=print):
-    """Train the autoencoder's decoder on reconstruction (L1 + L2 in pixels) from the frozen DINOv3
-    features of `images` ([N, 3, H, W] in [-1, 1]); cosine learning rate; writes the checkpoint
-    back in place."""
-    import torch
+# the toy decoder's recipe for train_autoencoder.py: L1 only (no LPIPS, no GAN), the whole 64-px
+# images (fixed-size crops at 64 px), a constant learning rate
+DECODER_RECIPE = dict(global_batch=16, lr=2e-3)
+
+
+def train_decoder(ae_path, data, steps, out, seed=0, threads=None, log=print):
+    """Train the decoder of the autoencoder file `ae_path` (its random decoder is the init, its
+    frozen DINOv3 the encoder) on the images of `data` with train_autoencoder.py's own loop
+    (DECODER_RECIPE); the run lives in `out` and is resumed if it exists. The trained decoder is
+    written back into `ae_path`."""
     from safetensors.torch import save_file
 
-    from svgt2i import atomic_write, load_autoencoder, read_state_dict
+    import train_autoencoder as trainer
+    from svgt2i import atomic_write, checkpoint_folder, read_state_dict
 
-    ae = load_autoencoder(ae_path)
-    with torch.no_grad():
-        feats = torch.cat([ae.encode(images[i:i + 256]) for i in range(0, len(images), 256)])
-    decoder = ae.decoder.train().requires_grad_(True)
-    opt = torch.optim.AdamW(decoder.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * s / steps)))
-    g = torch.Generator().manual_seed(seed)
-    t0 = time.time()
-    for step in range(1, steps + 1):
-        idx = torch.randint(0, len(images), (batch,), generator=g)
-        err = decoder(feats[idx]) - images[idx]
-        loss = err.abs().mean() + err.pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 200 == 0 or step == steps:
-            log(f"decoder step {step}/{steps}  loss {loss.item():.4f}  {time.time() - t0:.0f}s")
+    argv = ["--ae", "P", "--data", str(data), "--out", str(out), "--init-from", str(ae_path),
+            "--perceptual-weight", "0", "--disc-weight", "0", "--resolution", str(SIZE),
+            "--crops", "fixed", "--steps", str(steps), "--seed", str(seed), "--workers", "0",
+            "--log-every", "200", "--save-every", str(steps), "--keep", "1",
+            "--global-batch", str(DECODER_RECIPE["global_batch"]),
+            "--lr", str(DECODER_RECIPE["lr"])]
+    if threads:
+        argv += ["--threads", str(threads)]
+    if (Path(out) / "latest").is_file():
+        argv.append("--resume")
+    run = trainer.train(trainer.finish_args(trainer.parse_args(argv)))
+    trained = read_state_dict(Path(checkpoint_folder(str(run))) / "autoencoder.safetensors")
     sd = {k: v.clone() for k, v in read_state_dict(ae_path).items()}
-    sd.update({"decoder." + k: v.detach().contiguous() for k, v in decoder.state_dict().items()})
-    atomic_write(ae_path,
-                 lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp)))
+    sd.update({k: v.contiguous() for k, v in trained.items() if k.startswith("decoder.")})
+    atomic_write(ae_path, lambda tmp: save_file(sd, str(tmp)))
+    log(f"toy decoder: {steps} steps of train_autoencoder.py, written into {ae_path}")
 
 
 def prepare(work, n_images=6000, decoder_steps=2000, seed=0, log=print):
     """Everything the toy's DiT stage needs, in `work` (each part is kept, so a rerun reuses it):
-    the data (work/data), the frozen parts with the decoder trained (work/frozen). Returns
+    the data (work/data), the frozen parts with the decoder trained (work/frozen; its run in
+    work/decoder). Returns
     {"data", "autoencoder", "dinov3", "gemma"} paths."""
+    import torch
+
     from dinov3 import DINOv3Config
     from decoder import DecoderConfig
-    from svgt2i import atomic_write, images_to_tensor
+    from svgt2i import atomic_write
 
     work = Path(work)
     data = work / "data" / "data.jsonl"
@@ -546,9 +549,8 @@ def prepare(work, n_images=6000, decoder_steps=2000, seed=0, log=print):
                                                            ffn_dim=256),
                                 decoder_config=DecoderConfig(z_channels=128, ch=32,
                                                              num_res_blocks=0))
-        paths = [json.loads(line)["path"] for line in data.read_text().splitlines()]
-        images = images_to_tensor([Image.open(work / "data" / p) for p in paths])
-        train_decoder(made["autoencoder"], images, decoder_steps, seed=seed, log=log)
+        train_decoder(made["autoencoder"], data, decoder_steps, work / "decoder", seed=seed,
+                      threads=torch.get_num_threads(), log=log)
         text = json.dumps(made)
         atomic_write(frozen_json, lambda tmp: tmp.write_text(text))
     return {"data": str(data), **json.loads(frozen_json.read_text())}
