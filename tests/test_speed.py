@@ -103,7 +103,7 @@ def test_compile_flags_reach_the_model(monkeypatch, tmp_path):
         args = ["--model", "tiny", "--data", "d.jsonl", "--out", "o", *flag]
         args = train.finish_args(train.parse_args(args))
         cpu = SimpleNamespace(device=torch.device("cpu"))          # what build_model reads of Dist
-        train.build_model(args, NextDiTConfig.tiny(), cpu, None)
+        train.build_model(args, NextDiTConfig.tiny(), cpu, None, bf16=False)
         assert len(calls) == expected                                 # only with the flag
 
 
