@@ -46,6 +46,24 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def add_system_args(p):
+    """The flags both trainers share for where a run computes and how often it writes; the group,
+    for a trainer's own system flags."""
+    g = p.add_argument_group("system")
+    g.add_argument("--device", default="auto",
+                   help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda")
+    g.add_argument("--workers", type=int, default=None,
+                   help="data loader processes per rank (default: up to 4)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per rank for torch (default: torch's choice)")
+    g.add_argument("--save-every", type=int, default=None,
+                   help="checkpoint interval in steps (default 2000)")
+    g.add_argument("--keep", type=int, default=3, help="checkpoints to keep (0: all)")
+    g.add_argument("--log-every", type=int, default=None,
+                   help="log interval in steps (default 10)")
+    return g
+
+
 
 # -------------------------------------------------------------------------------------------------
 # This process's place in the run: rank, world, device, the collectives, and logging
@@ -113,6 +131,13 @@ class Dist:
     def warn(self, msg):
         self.log(msg, every_rank=True)
 
+    def record(self, out, line, rec):
+        """A progress report: rank 0 prints `line` and appends `rec` to OUT/log.jsonl."""
+        if self.main:
+            self.log(line)
+            with open(Path(out) / "log.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
 
 # -------------------------------------------------------------------------------------------------
 # The run folder: one run at a time, atomic checkpoints, resumed exactly from the newest intact one
@@ -122,15 +147,23 @@ def lock_folder(folder):
     """An exclusive lock on `folder` (a lock file held open for the life of this process; the OS
     drops it when the process dies, however it dies). Raises UsageError naming the holder's pid."""
     import fcntl
+    import gc
     f = open(Path(folder) / ".lock", "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "unknown"
-        f.close()
-        raise UsageError(f"{folder} is in use by another run (pid {holder}): wait for it to "
-                         "finish, or choose another --out") from None
+    for attempt in range(2):
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            if holder == str(os.getpid()) and attempt == 0:
+                # this process's own earlier run, which failed and whose objects (the lock among
+                # them) wait in a reference cycle of its traceback: free them and try again
+                gc.collect()
+                continue
+            f.close()
+            raise UsageError(f"{folder} is in use by another run (pid {holder}): wait for it to "
+                             "finish, or choose another --out") from None
     f.truncate(0)
     f.write(f"{os.getpid()}\n")
     f.flush()
@@ -447,6 +480,24 @@ def fmt_time(s):
     h, s = divmod(s, 3600)
     m, s = divmod(s, 60)
     return f"{d}d{h:02d}h" if d else f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# dense bf16 TFLOP/s of known GPUs: the denominator of the MFU estimates
+PEAK_TFLOPS = {"H200": 989, "H100": 989, "H800": 989, "H20": 148, "A100": 312, "A800": 312,
+               "L40S": 362, "B200": 2250, "GB200": 2500}
+
+
+def peak_flops(device, tflops=None):
+    """FLOP/s of `device` for the MFU: `tflops` (--peak-tflops) if given, else the table's entry
+    for a known GPU, else None (no MFU)."""
+    if tflops:
+        return tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
+            if key in name:
+                return PEAK_TFLOPS[key] * 1e12
+    return None
 
 
 class Progress:

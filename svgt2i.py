@@ -853,6 +853,28 @@ def checkpoint_folder(path):
     return path
 
 
+def recorded_frozen(folder):
+    """The frozen parts a checkpoint of ours was trained with, as its run.json records them
+    ({"autoencoder": path, ...}; a relative path is relative to the checkpoint, so a run that is
+    moved whole still finds what lies inside it); {} without a run.json."""
+    f = os.path.join(folder, "run.json")
+    if not os.path.isfile(f):
+        return {}
+    try:
+        with open(f) as fh:
+            frozen = json.load(fh).get("frozen", {})
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{f}: not a valid run.json ({type(e).__name__}: {e})") from None
+    return {k: os.path.normpath(os.path.join(folder, v)) for k, v in frozen.items()
+            if isinstance(v, str) and v}
+
+
+def recorded_but_gone(folder, key, path):
+    """The error for a frozen part that run.json records but that no longer exists."""
+    return FileNotFoundError(f"{os.path.join(folder, 'run.json')} records the {key} at {path}, "
+                             f"which does not exist (was the run moved?): pass --{key}")
+
+
 def find_weights(ckpt_dir, gemma_dir=None, dit=None, autoencoder=None, dinov3=None, stats=None,
                  need=("dit", "autoencoder", "stats", "gemma")):
     """Locate the files of a checkpoint folder: the official `pre-trained/` layout, or one of our
@@ -862,11 +884,7 @@ def find_weights(ckpt_dir, gemma_dir=None, dit=None, autoencoder=None, dinov3=No
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"checkpoint folder not found: {ckpt_dir} ({DOWNLOAD_HINT})")
     ckpt_dir = checkpoint_folder(ckpt_dir)
-    run = {}
-    if os.path.isfile(os.path.join(ckpt_dir, "run.json")):
-        with open(os.path.join(ckpt_dir, "run.json")) as f:
-            run = {k: (v if v is None or os.path.isabs(v) else os.path.join(ckpt_dir, v))
-                   for k, v in json.load(f).get("frozen", {}).items()}
+    run = recorded_frozen(ckpt_dir)
     # the EMA weights first, as the official sampler's --ema intends
     dits = ["ema.safetensors", "model.safetensors", "consolidated_ema.00-of-01.pth",
             "consolidated.00-of-01.pth", "dit-*/consolidated_ema.00-of-01.pth",
@@ -892,12 +910,14 @@ def find_weights(ckpt_dir, gemma_dir=None, dit=None, autoencoder=None, dinov3=No
         "gemma": "a Gemma-2-2B folder (config.json, model*.safetensors, tokenizer.model), passed "
                  "as --gemma",
     }
-    for key in need:
-        if found[key] is None:
+    for key, path in found.items():
+        if path is None and key in need:
             raise FileNotFoundError(f"{ckpt_dir}: no {key} weights found; expected "
                                     f"{expected[key]} ({DOWNLOAD_HINT})")
-        if not os.path.exists(found[key]):
-            raise FileNotFoundError(f"{key} weights not found: {found[key]} ({DOWNLOAD_HINT})")
+        if path is not None and not os.path.exists(path):
+            if path == run.get(key):
+                raise recorded_but_gone(ckpt_dir, key, path)
+            raise FileNotFoundError(f"{key} weights not found: {path} ({DOWNLOAD_HINT})")
     return found
 
 

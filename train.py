@@ -69,16 +69,17 @@ import torch
 
 from data import Cache, Records, TrainSet, caption_texts, crops_for
 from nextdit import PRESETS, NextDiT, NextDiTConfig, nextdit_keymap
-from runs import (Dist, HelpFormatter, Progress, UsageError, absolute_paths, batch_plan,
-                  check_replicas, command_line, compute_stats, data_stream, device_mesh, fmt_time,
-                  load_fitting, load_full_optimizer, load_sharded, open_run, read_into,
-                  restore_run_state, resume_folder, run_state, save_checkpoint, save_sharded, shard,
-                  stop_on_signals, truncate_log, warn_skipped, write_safetensors)
+from runs import (Dist, HelpFormatter, Progress, UsageError, absolute_paths, add_system_args,
+                  batch_plan, check_replicas, command_line, compute_stats, data_stream,
+                  device_mesh, fmt_time, load_fitting, load_full_optimizer, load_sharded,
+                  open_run, peak_flops, read_into, restore_run_state, resume_folder, run_state,
+                  save_checkpoint, save_sharded, shard, stop_on_signals, truncate_log,
+                  warn_skipped, write_safetensors)
 from svgt2i import (GEMMA_DIRS, RELEASE_DIRS, SYSTEM_PROMPTS, Autoencoder, TextEncoder,
                     atomic_write, checkpoint_folder, default_folder, find_weights,
                     flow_matching_loss, load_autoencoder, load_dinov3, load_gemma2,
-                    load_latent_stats, load_tokenizer, read_state_dict, sample_training_t,
-                    training_shift)
+                    load_latent_stats, load_tokenizer, read_state_dict, recorded_but_gone,
+                    recorded_frozen, sample_training_t, training_shift)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -117,8 +118,6 @@ CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.pt|dcp", 
 FROZEN = ("autoencoder", "dinov3", "gemma")    # the frozen parts a run records
 ADAM_BETAS, ADAM_EPS = (0.9, 0.95), 1e-15  # upstream's AdamW; a constant lr (no warm-up, schedule)
 T_BINS = 10                                # loss is logged per t-bin: [0, 0.1), ..., [0.9, 1]
-PEAK_TFLOPS = {"H200": 989, "H100": 989, "H800": 989, "H20": 148, "A100": 312, "A800": 312,
-               "L40S": 362, "B200": 2250, "GB200": 2500}  # dense bf16, for the MFU estimate
 
 
 # -------------------------------------------------------------------------------------------------
@@ -191,25 +190,6 @@ class Frozen:
             torch.cuda.empty_cache()
 
 
-def recorded_frozen(folder):
-    """The frozen parts a checkpoint's run.json records, as paths (relative ones are relative to the
-    checkpoint); a recorded path that no longer exists is an error naming the flag to pass."""
-    f = Path(folder) / "run.json"
-    if not f.is_file():
-        return {}
-    try:
-        frozen = json.loads(f.read_text()).get("frozen", {})
-    except (ValueError, AttributeError) as e:
-        raise UsageError(f"{f}: not a valid run.json ({type(e).__name__}: {e})") from None
-    paths = {k: os.path.normpath(os.path.join(folder, v)) for k, v in frozen.items()
-             if k in FROZEN and v}
-    for k, p in paths.items():
-        if not os.path.exists(p):
-            raise UsageError(f"{f} records the {k} at {p}, which does not exist (was the run "
-                             f"moved?): pass --{k}")
-    return paths
-
-
 def release_files():
     """The official release's frozen parts and statistics when it sits beside the command
     (./pre-trained, ./gemma-2-2b): what `torchrun train.py --stage 1 --data D --out O` uses."""
@@ -234,10 +214,13 @@ def frozen_paths(args, d, out, records, sources):
     without them, tiny random ones are made in OUT/frozen (toy.make_tiny_frozen). Then the latent
     statistics (stats_file)."""
     paths = {k: getattr(args, k) for k in FROZEN}
-    for src in sources:
-        recorded = recorded_frozen(src) if src else {}
-        for k in paths:
-            paths[k] = paths[k] or recorded.get(k)
+    for src in filter(None, sources):
+        recorded = recorded_frozen(src)
+        for k in FROZEN:
+            if not paths[k] and k in recorded:
+                if not os.path.exists(recorded[k]):
+                    raise recorded_but_gone(src, k, recorded[k])
+                paths[k] = recorded[k]
     if args.model != "tiny" and not all(paths.values()):     # the release beside the command
         release = release_files()
         paths = {k: paths[k] or release.get(k) for k in FROZEN}
@@ -350,7 +333,9 @@ def load_init_weights(model, file, d):
 def resume(folder, model, ema, opt, args, d):
     """Model, EMA, optimizer and run state from a checkpoint of either mode, into this run's
     (sharded or not: each rank keeps its part). Returns
-    (step, position, ema updates, this rank's skipped-image count)."""
+    (step, position, ema updates, this rank's skipped-image count): zeros without a checkpoint."""
+    if folder is None:
+        return 0, 0, 0, 0
     try:
         if (folder / "dcp").is_dir():       # --parallel fsdp's: resharded to this run's layout
             load_sharded(folder / "dcp", model, opt, ema=ema)
@@ -380,23 +365,13 @@ def train_flops(config, cap_lens, img_lens):
     return sum(3 * config.flops(c, n) for c, n in zip(cap_lens, img_lens))
 
 
-def peak_flops(args):
-    if args.peak_tflops:
-        return args.peak_tflops * 1e12
-    if args.device.type == "cuda":
-        name = torch.cuda.get_device_name(args.device)
-        for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
-            if key in name:
-                return PEAK_TFLOPS[key] * 1e12
-    return None
-
-
 class Meter:
     """Sums over a log interval; reduced over ranks when reported
     (rank 0 prints and appends OUT/log.jsonl)."""
 
     def __init__(self, d, args, out):
-        self.d, self.args, self.out, self.peak = d, args, out, peak_flops(args)
+        self.d, self.args, self.out = d, args, out
+        self.peak = peak_flops(args.device, args.peak_tflops)
         self.t_start = time.time()
         self.reset()
 
@@ -432,14 +407,11 @@ class Meter:
                "grad_norm": self.grad_norm / self.steps, "images_per_s": ips, "mfu": mfu,
                "lr": args.lr, "skipped": skipped, "bad_steps": self.bad_steps,
                "elapsed_s": time.time() - self.t_start}
-        if d.main:
-            bins_txt = " ".join("-" if v is None else f"{v:.3f}" for v in by_bin)
-            d.log(f"step {step}/{args.steps} ({100 * step / args.steps:.1f}%) loss {loss:.4f} | "
-                  f"by t {bins_txt} | grad {rec['grad_norm']:.3f} | {ips:.1f} img/s | MFU "
-                  f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | skipped {skipped} | eta "
-                  f"{fmt_time(eta)}")
-            with open(self.out / "log.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+        bins_txt = " ".join("-" if v is None else f"{v:.3f}" for v in by_bin)
+        d.record(self.out, f"step {step}/{args.steps} ({100 * step / args.steps:.1f}%) loss "
+                 f"{loss:.4f} | by t {bins_txt} | grad {rec['grad_norm']:.3f} | {ips:.1f} img/s "
+                 f"| MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | skipped {skipped} | "
+                 f"eta {fmt_time(eta)}", rec)
         self.reset()
 
 
@@ -477,7 +449,8 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0,
                    help="model init; data order, captions, t and noise per sample")
     g = p.add_argument_group("stage preset overrides (default: the --stage preset; --model tiny "
-                             "halves the resolution and uses global batch 16, 100 steps)")
+                             "halves the resolution and uses global batch 16, 100 steps, one "
+                             "thread, no loader workers, a checkpoint every 50)")
     g.add_argument("--resolution", type=int, default=None,
                    help="anchor resolution: crops of about resolution^2 px")
     g.add_argument("--steps", type=int, default=None, help="total optimizer steps of this stage")
@@ -525,9 +498,7 @@ def parse_args(argv=None):
     g.add_argument("--cache", default=None, metavar="DIR",
                    help="precompute DINOv3 latents and Gemma features of "
                    "the whole data set into DIR (once), then train from it")
-    g = p.add_argument_group("system")
-    g.add_argument("--device", default="auto",
-                   help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda")
+    g = add_system_args(p)
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="DiT autocast (master weights stay fp32); auto: bf16 on GPU, fp32 on CPU")
     g.add_argument("--text-dtype", choices=["auto", "bf16", "fp32"], default="auto",
@@ -547,18 +518,6 @@ def parse_args(argv=None):
     g.add_argument("--compile", action="store_true",
                    help="torch.compile each DiT block (regional: one graph serves all layers; "
                         "the first steps compile)")
-    g.add_argument("--workers", type=int, default=None,
-                   help="data loader processes per rank (default: up to 4; "
-                   "0 for --model tiny)")
-    g.add_argument("--threads", type=int, default=None,
-                   help="CPU threads per rank for torch (default: torch's "
-                   "choice; 1 for --model tiny)")
-    g.add_argument("--save-every", type=int, default=None,
-                   help="checkpoint interval in steps (default 2000, "
-                   "tiny 50)")
-    g.add_argument("--keep", type=int, default=3, help="checkpoints to keep (0: all)")
-    g.add_argument("--log-every", type=int, default=None,
-                   help="log interval in steps (default 10)")
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="accelerator peak for the MFU estimate "
                    "(default: known GPUs' dense bf16 peak)")
@@ -569,7 +528,7 @@ def parse_args(argv=None):
     g.add_argument("--toy-images", type=int, default=6000,
                    help="training images of the shapes world")
     g.add_argument("--toy-decoder-steps", type=int, default=2000,
-                   help="decoder reconstruction steps (batch 16)")
+                   help="decoder reconstruction steps of train_autoencoder.py (batch 16)")
     g.add_argument("--bundle", default=None,
                    help="where --toy writes the finished model (default: assets/toy, "
                    "the folder sample.py --toy reads)")
@@ -673,10 +632,24 @@ def draw_t_and_noise(items, x1, shift_len, device):
     return torch.cat(t).to(device), noise
 
 
+def ema_decay(args, n):
+    """The EMA decay of update n: --ema-decay, with the warm-up min(decay, (1 + n) / (10 + n))."""
+    return min(args.ema_decay, (1 + n) / (10 + n)) if args.ema_warmup else args.ema_decay
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
     for name, p in model.named_parameters():
         ema[name].lerp_(p.detach().float(), 1 - decay)
+
+
+def dtypes(args, device):
+    """--precision (the DiT's autocast) and --text-dtype (Gemma's); auto: bf16 on GPU, fp32 on
+    CPU."""
+    auto = "bf16" if device.type == "cuda" else "fp32"
+    precision = auto if args.precision == "auto" else args.precision
+    text = auto if args.text_dtype == "auto" else args.text_dtype
+    return precision, {"bf16": torch.bfloat16, "fp32": torch.float32}[text]
 
 
 def open_folders(args, d):
@@ -759,7 +732,16 @@ def build_model(args, config, d, init_file, bf16):
     opt = torch.optim.AdamW(params, lr=args.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
                             weight_decay=args.weight_decay, **impl)
     ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+    d.log(f"NextDiT {args.model}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable "
+          f"parameters, {config.in_channels} latent channels, caption width {config.cap_feat_dim}")
     return model, params, opt, ema
+
+
+def wrap_ddp(model, d):
+    """DDP: gradients all-reduced (averaged) across the ranks' replicas in the backward."""
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+        gradient_as_bucket_view=True)
 
 
 def data_stream_of(args, d, records, crops, cache, position, steps):
@@ -810,10 +792,7 @@ def train(args):
     device = args.device = d.device
     if args.threads:
         torch.set_num_threads(args.threads)
-    auto, dtypes = ("bf16" if device.type == "cuda" else "fp32"), {"bf16": torch.bfloat16,
-                                                                   "fp32": torch.float32}
-    precision = auto if args.precision == "auto" else args.precision
-    text_dtype = dtypes[auto if args.text_dtype == "auto" else args.text_dtype]
+    precision, text_dtype = dtypes(args, device)
     local, accum = batch_plan(args, d)
     parallel_plan(args, d)
     out, resume_dir, init_file = open_folders(args, d)
@@ -828,25 +807,16 @@ def train(args):
     # Model, EMA, optimiser: the same init on every rank (and DDP broadcasts rank 0's anyway)
     config = build_config(args, stats.channels, text_dim)
     model, params, opt, ema = build_model(args, config, d, init_file, precision == "bf16")
-    n_params = sum(p.numel() for p in params)
 
-    # Resume
-    step, position, ema_updates, skipped = 0, 0, 0, 0   # skipped: this rank's unreadable images
-    if resume_dir is not None:
-        step, position, ema_updates, skipped = resume(resume_dir, model, ema, opt, args, d)
-    ddp = model                     # with --parallel fsdp the sharded model is called as it is
-    if d.world > 1 and args.parallel == "ddp":
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            gradient_as_bucket_view=True)
+    # Resume (skipped: this rank's count of unreadable images)
+    step, position, ema_updates, skipped = resume(resume_dir, model, ema, opt, args, d)
+    ddp = wrap_ddp(model, d) if d.world > 1 and args.parallel == "ddp" else model
     run_info = run_record(args, paths, config)
 
     # Data: this rank's slice of the global positions still to come
     batches = data_stream_of(args, d, records, crops, cache, position, max(0, args.steps - step))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     shift_len = (args.resolution // 16) ** 2    # the time shift follows the anchor's token count
-    d.log(f"NextDiT {args.model}: {n_params / 1e6:.2f}M trainable parameters, "
-          f"{config.in_channels} latent channels, caption width {config.cap_feat_dim}")
     d.log(f"stage {args.stage}: {args.resolution}px ({len(crops)} crop sizes), shift "
           f"{training_shift(shift_len):.3f}, {args.steps} steps, global batch {args.global_batch} "
           f"= {d.world} ranks x {accum} x micro {args.micro_batch}, max text {args.max_text_len} "
@@ -878,8 +848,7 @@ def train(args):
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             if torch.isfinite(grad_norm):
                 opt.step()
-                warm = (1 + ema_updates) / (10 + ema_updates) if args.ema_warmup else 1.0
-                update_ema(ema, model, min(args.ema_decay, warm))
+                update_ema(ema, model, ema_decay(args, ema_updates))
                 ema_updates += 1
             else:   # the same on every rank (the gradients are all-reduced): every rank skips it
                 d.log(f"warning: step {step + 1}: non-finite gradient norm, update skipped")

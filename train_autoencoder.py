@@ -68,10 +68,10 @@ from data import ImageSet, crops_for, describe, eval_crop, open_records, read_im
 from decoder import (Decoder, DecoderConfig, ResidualViT, ResidualViTConfig, decoder_keymap,
                      residual_vit_keymap)
 from dinov3 import dinov3_official_state_dict
-from runs import (Dist, HelpFormatter, UsageError, absolute_paths, batch_plan, check_replicas,
-                  command_line, compute_stats, data_stream, fmt_time, load_fitting, open_run,
-                  restore_run_state, resume_folder, run_state, save_checkpoint, stop_on_signals,
-                  truncate_log, warn_skipped)
+from runs import (Dist, HelpFormatter, UsageError, absolute_paths, add_system_args, batch_plan,
+                  check_replicas, command_line, compute_stats, data_stream, fmt_time,
+                  load_fitting, open_run, restore_run_state, resume_folder, run_state,
+                  save_checkpoint, stop_on_signals, truncate_log, warn_skipped)
 from svgt2i import (Autoencoder, atomic_write, build, checkpoint_folder, load_autoencoder,
                     load_dinov3, read_state_dict, sub_state_dict, with_residual)
 
@@ -771,16 +771,13 @@ class Meter:
         rec = {"step": step, **mean, "gan": factor > 0, "grad_norm": self.grad_norm / self.steps,
                "images_per_s": ips, "skipped": int(vec[-1]),
                "elapsed_s": time.time() - self.t_start}
-        if d.main:
-            f = lambda n, fmt=".4f": "-" if mean[n] is None else format(mean[n], fmt)
-            d.log(f"step {step}/{args.steps} ({100 * step / args.steps:.1f}%) | L1 {f('rec_loss')} "
-                  f"LPIPS {f('p_loss')} | G {f('g_loss', '.3f')} d_w {f('d_weight', '.3g')} "
-                  f"D {f('disc_loss', '.3f')} (real {f('logits_real', '.2f')} fake "
-                  f"{f('logits_fake', '.2f')}) GAN {'on' if factor > 0 else 'off'} | grad "
-                  f"{rec['grad_norm']:.3g} | {ips:.1f} img/s | skipped {rec['skipped']} | eta "
-                  f"{fmt_time(eta)}")
-            with open(self.out / "log.jsonl", "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
+        f = lambda n, fmt=".4f": "-" if mean[n] is None else format(mean[n], fmt)
+        d.record(self.out, f"step {step}/{args.steps} ({100 * step / args.steps:.1f}%) | L1 "
+                 f"{f('rec_loss')} LPIPS {f('p_loss')} | G {f('g_loss', '.3f')} d_w "
+                 f"{f('d_weight', '.3g')} D {f('disc_loss', '.3f')} (real {f('logits_real', '.2f')}"
+                 f" fake {f('logits_fake', '.2f')}) GAN {'on' if factor > 0 else 'off'} | grad "
+                 f"{rec['grad_norm']:.3g} | {ips:.1f} img/s | skipped {rec['skipped']} | eta "
+                 f"{fmt_time(eta)}", rec)
         self.reset()
 
 
@@ -1016,13 +1013,7 @@ def parse_args(argv=None):
     g.add_argument("--limit", type=int, default=None, help="--eval: the first N images only")
     g.add_argument("--eval-resolution", type=int, default=256, help="--eval: the crop size")
     g.add_argument("--eval-batch", type=int, default=16, help="--eval: images per forward")
-    g = p.add_argument_group("system")
-    g.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available), cpu")
-    g.add_argument("--workers", type=int, default=None, help="data loader processes per rank")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads per rank (0: torch's)")
-    g.add_argument("--save-every", type=int, default=None, help="checkpoint interval (2000)")
-    g.add_argument("--keep", type=int, default=3, help="checkpoints to keep (0: all)")
-    g.add_argument("--log-every", type=int, default=None, help="log interval (10)")
+    add_system_args(p)
     return p.parse_args(argv)
 
 

@@ -20,7 +20,7 @@ Rows, in this order (the first are the most wanted, so a short budget loses the 
   (NextDiT.compile_blocks), and the compiled velocity's difference from eager.
 
 FLOPs are NextDiTConfig.flops (valid tokens only, no recomputation); MFU is those FLOPs per second
-over the device's dense bf16 peak (train.PEAK_TFLOPS, or --peak-tflops). Every timing
+over the device's dense bf16 peak (runs.PEAK_TFLOPS, or --peak-tflops). Every timing
 synchronizes the device and follows a warm-up. Each row runs in its own try: a failure (out of
 memory, a compile error) is printed in its row and the run goes on; a row that would overrun
 --budget is skipped; and a watchdog prints the table and exits if the run overruns the budget
@@ -48,7 +48,8 @@ from gemma2 import Gemma2, Gemma2Config  # noqa: E402
 from nextdit import NextDiT, NextDiTConfig  # noqa: E402
 from svgt2i import (SVGT2I, Autoencoder, Guidance, LatentStats, TextEncoder,  # noqa: E402
                     euler_sample, flow_matching_loss, guided_velocity)
-from train import ADAM_BETAS, ADAM_EPS, peak_flops, train_flops, update_ema  # noqa: E402
+from runs import peak_flops  # noqa: E402
+from train import ADAM_BETAS, ADAM_EPS, train_flops, update_ema  # noqa: E402
 
 GIB = 2 ** 30
 COLUMNS = ("case", "s/image", "s/step", "images/s", "TFLOP/s", "MFU", "peak GiB", "notes")
@@ -560,7 +561,7 @@ def parse_args(argv=None):
                    help="seconds past the budget before the watchdog stops the run")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="the MFU's peak (default: train.PEAK_TFLOPS for the device)")
+                   help="the MFU's peak (default: runs.PEAK_TFLOPS for the device)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip the compiled rows")
     p.add_argument("--compile-backend", default=None,
@@ -585,7 +586,7 @@ def main(argv=None):
         torch.set_num_threads(1)
         peak, peak_note = (args.peak_tflops or 1.0) * 1e12, "nominal (CPU)"
     else:
-        peak = peak_flops(argparse.Namespace(peak_tflops=args.peak_tflops, device=device))
+        peak = peak_flops(device, args.peak_tflops)
         peak_note = f"{peak / 1e12:.0f} TFLOP/s dense bf16" if peak else "unknown: MFU left out"
     header = header_lines(spec, peak_note, args)
     print("\n".join(header), flush=True)

@@ -160,6 +160,19 @@ def test_find_weights_run_folder_and_ambiguity(tmp_path):
     files = find_weights(str(tmp_path / "run"))
     assert files["dit"] == str(ck / "ema.safetensors") and files["gemma"] == str(tmp_path / "gemma")
     assert files["autoencoder"] == str(tmp_path / "ae.ckpt") and files["stats"] == str(ck / "latent_stats.pt")
+    # a recorded part that has gone: run.json and the flag that replaces it are named; the flag wins
+    (tmp_path / "ae.ckpt").rename(tmp_path / "ae2.ckpt")
+    with pytest.raises(FileNotFoundError, match=r"run.json records the autoencoder at .*ae.ckpt, which does "
+                                                r"not exist \(was the run moved\?\): pass --autoencoder"):
+        find_weights(str(tmp_path / "run"))
+    files = find_weights(str(tmp_path / "run"), autoencoder=str(tmp_path / "ae2.ckpt"))
+    assert files["autoencoder"] == str(tmp_path / "ae2.ckpt")
+    # a relative record is read from the checkpoint folder: the run moved whole still finds it
+    (ck / "run.json").write_text(json.dumps({"frozen": {"autoencoder": "../../ae2.ckpt",
+                                                        "gemma": str(tmp_path / "gemma")}}))
+    (tmp_path / "run").rename(tmp_path / "moved")
+    files = find_weights(str(tmp_path / "moved"))
+    assert files["autoencoder"] == str(tmp_path / "ae2.ckpt")
     # two DiTs in one release folder: refuse to guess
     for d in ("dit-a", "dit-b"):
         (tmp_path / "rel" / d).mkdir(parents=True)

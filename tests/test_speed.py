@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import nextdit
+import runs
 import sample
 import train
 from nextdit import NextDiT, NextDiTConfig
@@ -102,8 +102,7 @@ def test_compile_flags_reach_the_model(monkeypatch, tmp_path):
     for flag, expected in (([], 1), (["--compile"], 2)):
         args = ["--model", "tiny", "--data", "d.jsonl", "--out", "o", *flag]
         args = train.finish_args(train.parse_args(args))
-        cpu = SimpleNamespace(device=torch.device("cpu"))          # what build_model reads of Dist
-        train.build_model(args, NextDiTConfig.tiny(), cpu, None, bf16=False)
+        train.build_model(args, NextDiTConfig.tiny(), runs.Dist(), None, bf16=False)   # one CPU process
         assert len(calls) == expected                                 # only with the flag
 
 

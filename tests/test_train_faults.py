@@ -170,6 +170,9 @@ def test_a_moved_run_resumes_and_a_missing_recorded_part_names_its_flag(world, t
     args[args.index("--autoencoder"):args.index("--autoencoder") + 2] = []
     err = main_error(args, capsys)
     assert f"records the autoencoder at {ae}, which does not exist" in err and "pass --autoencoder" in err
+    # and passing it resumes (in this same process, as a notebook would: the failed run's lock is let go)
+    train.main(args + ["--autoencoder", world["autoencoder"]])
+    assert (c / "ckpt-0000002").is_dir()
 
 
 def test_corrupt_run_json_of_a_source_names_the_file(world, tmp_path, capsys):
