@@ -168,6 +168,19 @@ def test_resume_across_world_sizes_and_modes(world, trained, tmp_path, capsys):
     assert_continues(one_to_two, trained["single"])
 
 
+def test_hsdp_replicas_of_one_shard_equal_ddp(world, trained, tmp_path):
+    """The other end of the 2-D mesh: 2 replicas of 1 shard (--hsdp-shard 1), whose gradients are all-reduced
+    across the replica dimension only; its first 3 steps equal DDP's."""
+    run = tmp_path / "hsdp"
+    r = checked(run_cli(args_for(world, run, "--parallel", "fsdp", "--hsdp-shard", "1", "--steps", str(SAVE)),
+                        torchrun=2))
+    assert "replicas identical on 2 ranks" in r.stdout               # 2 replicas compared: one shard each
+    for name in ("model", "ema"):
+        assert_close(weights(run, SAVE, name), weights(trained["ddp"], SAVE, name))
+    for a, b in zip(log_records(run), log_records(trained["ddp"])[:SAVE], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
 def test_replicas_are_compared_within_each_shard():
     """check_replicas: with HSDP, rank r holds shard r % N: ranks of one shard must agree, different shards not."""
     model = torch.nn.Linear(3, 2)
