@@ -911,10 +911,16 @@ def find_weights(ckpt_dir, gemma_dir=None, dit=None, autoencoder=None, dinov3=No
                  "as --gemma",
     }
     for key, path in found.items():
+        gone = path is not None and not os.path.exists(path)
+        # a gone record of a part this command does not need (e.g. DINOv3 when the autoencoder
+        # holds encoder.*) is as if absent
+        if gone and key not in need and path == run.get(key):
+            found[key] = None
+            continue
         if path is None and key in need:
             raise FileNotFoundError(f"{ckpt_dir}: no {key} weights found; expected "
                                     f"{expected[key]} ({DOWNLOAD_HINT})")
-        if path is not None and not os.path.exists(path):
+        if gone and key in need:
             if path == run.get(key):
                 raise recorded_but_gone(ckpt_dir, key, path)
             raise FileNotFoundError(f"{key} weights not found: {path} ({DOWNLOAD_HINT})")

@@ -167,6 +167,9 @@ def test_find_weights_run_folder_and_ambiguity(tmp_path):
         find_weights(str(tmp_path / "run"))
     files = find_weights(str(tmp_path / "run"), autoencoder=str(tmp_path / "ae2.ckpt"))
     assert files["autoencoder"] == str(tmp_path / "ae2.ckpt")
+    # a gone record of a part this command does not need is as if absent
+    files = find_weights(str(tmp_path / "run"), need=("dit", "gemma"))
+    assert files["autoencoder"] is None and files["dit"] == str(ck / "ema.safetensors")
     # a relative record is read from the checkpoint folder: the run moved whole still finds it
     (ck / "run.json").write_text(json.dumps({"frozen": {"autoencoder": "../../ae2.ckpt",
                                                         "gemma": str(tmp_path / "gemma")}}))
