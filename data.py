@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from svgt2i import StatsAccumulator, atomic_write, images_to_tensor, system_prompt_text
+from svgt2i import (IMAGE_SUFFIXES, StatsAccumulator, atomic_write, images_to_tensor,
+                    system_prompt_text, to_rgb)
 
 LENGTHS, LANGUAGES = ("short", "middle", "long"), ("en", "zh")
 
@@ -89,29 +90,6 @@ def center_crop(image, size):
                          resample=Image.BICUBIC)
     left, top = (image.width - cw) // 2, (image.height - ch) // 2
     return image.crop((left, top, left + cw, top + ch))
-
-
-def to_rgb(image):
-    """8-bit RGB. Transparency is composited on white (upstream does this for RGBA and converts
-    P/L). One-channel images of more than 8 bits are scaled from the range their data is in (PIL's
-    own conversion clips them at 255, so a 16-bit scan turns white): 'I;16*' from 0..65535, 'I'
-    from 0..65535 (0..255 if no value exceeds 255), 'F' from 0..1 (0..255 if a value exceeds 1).
-    CMYK, YCbCr, 1-bit, grey and palette images go through PIL's conversion."""
-    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        a = np.asarray(image).astype(np.float64)
-        top = a.max(initial=0)
-        if image.mode == "F":
-            scale = 1.0 if top <= 1 else 255.0
-        else:
-            scale = 255.0 if image.mode == "I" and top <= 255 else 65535.0
-        grey = np.clip(np.round(a * (255.0 / scale)), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, mode="L").convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image, mask=image.getchannel("A"))
-        return background
-    return image.convert("RGB")
 
 
 def read_image(path):
@@ -259,7 +237,6 @@ class Records:
         return parse_record(self._file.readline(), self.base, self.where(i), self.default_system)
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm")
 
 
 class ImageFolder:

@@ -412,9 +412,7 @@ def load_pipeline(args, ckpt, gemma, device, dtype, with_encoder=False):
 
 
 def reconstruct(args, ckpt, device):
-    from PIL import Image
-
-    from svgt2i import find_weights, load_autoencoder
+    from svgt2i import find_weights, load_autoencoder, read_image
 
     if not args.out:
         raise UsageError("--reconstruct needs --out FILE.png")
@@ -422,12 +420,7 @@ def reconstruct(args, ckpt, device):
         raise UsageError(f"image not found: {args.reconstruct}")
     image_paths(args, 1, 1)
     check_writable(os.path.dirname(args.out) or ".", "--out")
-    try:
-        with Image.open(args.reconstruct) as im:
-            im.load()
-            image = im.copy()
-    except OSError as e:
-        raise UsageError(f"cannot read image {args.reconstruct}: {e}") from None
+    image = read_image(args.reconstruct)
     files = find_weights(ckpt, autoencoder=args.autoencoder, dinov3=args.dinov3,
                          need=("autoencoder",))
     ae = load_autoencoder(files["autoencoder"], dinov3_path=files["dinov3"], device=device)

@@ -560,19 +560,44 @@ def tensor_to_images(x):
 
 
 # -------------------------------------------------------------------------------------------------
-# Editing: the images (and masks) an image-to-image run starts from
+# Images: every image file is read as training reads it (to_rgb); the init images and masks of
+# an image-to-image run
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm")
+
+
+def to_rgb(image):
+    """8-bit RGB. Transparency is composited on white (upstream does this for RGBA and converts
+    P/L). One-channel images of more than 8 bits are scaled from the range their data is in (PIL's
+    own conversion clips them at 255, so a 16-bit scan turns white): 'I;16*' from 0..65535, 'I'
+    from 0..65535 (0..255 if no value exceeds 255), 'F' from 0..1 (0..255 if a value exceeds 1).
+    CMYK, YCbCr, 1-bit, grey and palette images go through PIL's conversion."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        a = np.asarray(image).astype(np.float64)
+        top = a.max(initial=0)
+        if image.mode == "F":
+            scale = 1.0 if top <= 1 else 255.0
+        else:
+            scale = 255.0 if image.mode == "I" and top <= 255 else 65535.0
+        grey = np.clip(np.round(a * (255.0 / scale)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    return image.convert("RGB")
 
 
 def read_image(path, mode="RGB"):
-    """An image file as a PIL image in `mode`; a missing or unreadable file is a one-line
-    error."""
+    """An image file as a PIL image: 8-bit RGB by to_rgb (as training reads it), or another
+    `mode` by PIL's conversion (masks: "L"); a missing or unreadable file is a one-line error."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as im:
-            return im.convert(mode)
+            im.load()
+            return to_rgb(im) if mode == "RGB" else im.convert(mode)
     except (OSError, SyntaxError) as e:         # PIL's UnidentifiedImageError is an OSError
         raise ValueError(f"{path}: not an image ({_first_line(e)})") from None
 

@@ -98,6 +98,18 @@ def test_to_rgb_scales_deep_grey_images_by_their_range(make, expected):
     assert out.mode == "RGB" and [out.getpixel((x, 0)) for x in range(3)] == [(v, v, v) for v in expected]
 
 
+def test_sampling_reads_an_image_file_as_training_does(tmp_path):
+    """sample.py's init images and --reconstruct (svgt2i.read_image) and the trainers (data.read_image) read a
+    16-bit grey scan and a transparent image the same, by to_rgb."""
+    deep, clear = tmp_path / "deep.png", tmp_path / "clear.png"
+    Image.fromarray(np.array([[0, 65535, 32768]], dtype=np.uint16)).save(deep)
+    Image.new("RGBA", (2, 1), (200, 10, 10, 0)).save(clear)
+    for f, expected in ((deep, [(0, 0, 0), (255, 255, 255), (128, 128, 128)]), (clear, [(255, 255, 255)] * 2)):
+        a, b = svgt2i.read_image(str(f)), data.read_image(str(f))
+        assert [a.getpixel((x, 0)) for x in range(a.width)] == expected == [b.getpixel((x, 0)) for x in range(b.width)]
+    assert svgt2i.read_image(str(clear), "L").mode == "L"             # masks keep PIL's conversion
+
+
 def test_pil_alone_clips_deep_grey_images():      # why to_rgb scales them itself
     assert Image.fromarray(np.array([[32768]], dtype=np.uint16)).convert("RGB").getpixel((0, 0)) == (255, 255, 255)
     assert Image.fromarray(np.array([[0.5]], dtype=np.float32)).convert("RGB").getpixel((0, 0)) == (0, 0, 0)
