@@ -379,20 +379,31 @@ def restore_run_state(folder, d):
 def warn_skipped(items, records, warned, d):
     """Warn once per unreadable record the dataset skipped (items carry "skipped": [(record,
     reason)]), and once per record without a prompt (a DiT item's "no_prompt": trained on the
-    empty caption, as upstream); returns how many skips the items carry."""
-    n = 0
+    empty caption, as upstream); returns how many skips the items carry. `warned`: the run's
+    (skipped, prompt-less) record indices warned of so far, two sets."""
+    n, (skipped, no_prompt) = 0, warned
     for it in items:
         for i, reason in it["skipped"]:
             n += 1
-            if i not in warned:
-                warned.add(i)
+            if i not in skipped:
+                skipped.add(i)
                 d.warn(f"warning: skipped {records.where(i)} ({reason})")
-        if it.get("no_prompt") and ("prompt", it["index"]) not in warned:
-            warned.add(("prompt", it["index"]))
-            count = sum(1 for w in warned if isinstance(w, tuple))
+        if it.get("no_prompt") and it["index"] not in no_prompt:
+            no_prompt.add(it["index"])
+            count = len(no_prompt)
             d.warn(f"warning: {records.where(it['index'])} has no prompt: trained with the empty "
                    f"caption ({count} such record{'s' if count > 1 else ''} so far)")
     return n
+
+
+def wrap_ddp(module, d):
+    """DDP over the ranks (its gradients all-reduced, averaged, in the backward); one process: the
+    module itself."""
+    if d.world == 1:
+        return module
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+        gradient_as_bucket_view=True)
 
 
 @contextlib.contextmanager

@@ -74,7 +74,7 @@ from runs import (Dist, HelpFormatter, Progress, UsageError, absolute_paths, add
                   device_mesh, fmt_time, load_fitting, load_full_optimizer, load_sharded,
                   open_run, peak_flops, read_into, restore_run_state, resume_folder, run_state,
                   save_checkpoint, save_sharded, shard, stop_on_signals, truncate_log,
-                  warn_skipped, write_safetensors)
+                  warn_skipped, wrap_ddp, write_safetensors)
 from svgt2i import (GEMMA_DIRS, RELEASE_DIRS, SYSTEM_PROMPTS, Autoencoder, TextEncoder,
                     atomic_write, checkpoint_folder, default_folder, find_weights,
                     flow_matching_loss, load_autoencoder, load_dinov3, load_gemma2,
@@ -737,13 +737,6 @@ def build_model(args, config, d, init_file, bf16):
     return model, params, opt, ema
 
 
-def wrap_ddp(model, d):
-    """DDP: gradients all-reduced (averaged) across the ranks' replicas in the backward."""
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
-        gradient_as_bucket_view=True)
-
-
 def data_stream_of(args, d, records, crops, cache, position, steps):
     """This rank's micro-batches for the next `steps` steps, from global position `position` on."""
     dataset = TrainSet(records, crops, args.seed, args.resolution, args.caption_dropout,
@@ -810,7 +803,7 @@ def train(args):
 
     # Resume (skipped: this rank's count of unreadable images)
     step, position, ema_updates, skipped = resume(resume_dir, model, ema, opt, args, d)
-    ddp = wrap_ddp(model, d) if d.world > 1 and args.parallel == "ddp" else model
+    ddp = wrap_ddp(model, d) if args.parallel == "ddp" else model
     run_info = run_record(args, paths, config)
 
     # Data: this rank's slice of the global positions still to come
@@ -823,7 +816,7 @@ def train(args):
           f"tokens, {precision}, {len(records)} records")
 
     # Loop
-    meter, warned = Meter(d, args, out), set()
+    meter, warned = Meter(d, args, out), (set(), set())
     with stop_on_signals() as stop:
         while step < args.steps:
             t0 = time.time()

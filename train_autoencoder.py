@@ -71,7 +71,7 @@ from dinov3 import dinov3_official_state_dict
 from runs import (Dist, HelpFormatter, UsageError, absolute_paths, add_system_args, batch_plan,
                   check_replicas, command_line, compute_stats, data_stream, fmt_time,
                   load_fitting, open_run, restore_run_state, resume_folder, run_state,
-                  save_checkpoint, stop_on_signals, truncate_log, warn_skipped)
+                  save_checkpoint, stop_on_signals, truncate_log, warn_skipped, wrap_ddp)
 from svgt2i import (Autoencoder, atomic_write, build, checkpoint_folder, load_autoencoder,
                     load_dinov3, read_state_dict, sub_state_dict, with_residual)
 
@@ -794,14 +794,6 @@ def groups_of(items, crops, device):
     return [im[None].to(device) for im in images]
 
 
-def wrap(module, d):
-    if d.world == 1:
-        return module
-    return torch.nn.parallel.DistributedDataParallel(
-        module, device_ids=[d.device.index] if d.device.type == "cuda" else None,
-        gradient_as_bucket_view=True)
-
-
 def setup(args, d):
     """Folders, the source checkpoint (--resume, else --init-from), frozen parts, models,
     optimisers, the run state."""
@@ -848,8 +840,8 @@ def train(args):
     records = open_records(args.data)
     out, nets, opts, (step, position, skipped), run_info = setup(args, d)
     encoder, model, disc, lpips = nets
-    ddp_model = wrap(model, d)
-    critic = wrap(Critic(disc), d) if disc is not None else None
+    ddp_model = wrap_ddp(model, d)
+    critic = wrap_ddp(Critic(disc), d) if disc is not None else None
     last_layer = model.decoder.conv_out.weight
     count = lambda m: f"{sum(p.numel() for p in m.parameters()):,} parameters"
     d.log(f"autoencoder-{args.ae}: {count(model)} trained ({model.decoder.config.z_channels} "
@@ -864,7 +856,7 @@ def train(args):
     batches = data_stream(args, d, dataset, position, max(0, args.steps - step))
 
     # Loop
-    meter, warned = Meter(d, args, out), set()
+    meter, warned = Meter(d, args, out), (set(), set())
     with stop_on_signals() as stop:
         while step < args.steps:
             t0 = time.time()
