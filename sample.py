@@ -30,9 +30,6 @@ PROMPT_FIELDS = ("refined_prompt", "prompt", "gpt_4_caption", "caption", "text",
                  "query")
 # The system prompts svgt2i.SYSTEM_PROMPTS names (listed here so that --help needs no torch).
 SYSTEM_PROMPT_NAMES = ("base", "align", "aesthetics", "real", "4grid", "empty")
-# The PNG metadata that must agree before a finished image is reused.
-SETTINGS = ("prompt", "seed", "height", "width", "steps", "cfg", "shift", "solver", "system_prompt",
-            "negative", "renorm", "cfg_trunc", "strength", "init_image", "mask")
 EDIT_STRENGTH = 0.8     # --strength's default (the README's toy measurement)
 
 
@@ -329,12 +326,17 @@ def finished(path, meta):
     settings is an error: the rerun must not mix runs."""
     from PIL import Image
 
+    from svgt2i import Sampling
+
     try:
         with Image.open(path) as im:
             theirs = dict(im.text)
     except (OSError, ValueError):
         return False                       # absent, or not a whole PNG: draw it
-    diff = [k for k in SETTINGS if (k in meta or k in theirs) and theirs.get(k) != str(meta.get(k))]
+    # the PNG metadata that must agree: the image's own, every sampler setting, the edit's
+    settings = ("prompt", "seed", "height", "width", *Sampling.names(), "strength", "init_image",
+                "mask")
+    diff = [k for k in settings if (k in meta or k in theirs) and theirs.get(k) != str(meta.get(k))]
     if diff:
         k = diff[0]
         raise UsageError(f"{path} was made with other settings ({k} {theirs.get(k)!r}, this run "
