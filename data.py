@@ -25,24 +25,16 @@ import array
 import json
 import os
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
 
-from svgt2i import (IMAGE_SUFFIXES, StatsAccumulator, atomic_write, images_to_tensor,
-                    system_prompt_text, to_rgb)
+from plumbing.files import IMAGE_SUFFIXES, describe, read_image
+from svgt2i import images_to_tensor, system_prompt_text
 
 LENGTHS, LANGUAGES = ("short", "middle", "long"), ("en", "zh")
-
-
-def describe(e):
-    """An exception as one short line."""
-    msg = str(e).splitlines()[0] if str(e) else ""
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
 # -------------------------------------------------------------------------------------------------
@@ -90,14 +82,6 @@ def center_crop(image, size):
                          resample=Image.BICUBIC)
     left, top = (image.width - cw) // 2, (image.height - ch) // 2
     return image.crop((left, top, left + cw, top + ch))
-
-
-def read_image(path):
-    """An image file as 8-bit RGB (to_rgb); decoded in full here, so a truncated or corrupt file
-    fails now, not later."""
-    with Image.open(path) as im:
-        im.load()
-        return to_rgb(im)
 
 
 def load_image(path, crops):
@@ -235,8 +219,6 @@ class Records:
             self._file, self._pid = open(self.path, "rb"), os.getpid()
         self._file.seek(int(self.offsets[i]))
         return parse_record(self._file.readline(), self.base, self.where(i), self.default_system)
-
-
 
 
 class ImageFolder:
@@ -407,7 +389,8 @@ class TrainSet(torch.utils.data.Dataset):
             out["image"] = data
         else:
             out["latent"] = data["latent"]
-            out["text_feats"] = self.cache.empty if choice is None else data[Cache.text_key(choice)]
+            key = None if choice is None else self.cache.text_key(choice)
+            out["text_feats"] = self.cache.empty if key is None else data[key]
         return out
 
 
@@ -445,130 +428,3 @@ class ImageSet(torch.utils.data.Dataset):
 def collate(items):
     """A micro-batch stays a list: its images have different sizes (one aspect bucket each)."""
     return items
-
-
-# -------------------------------------------------------------------------------------------------
-# Latent statistics of the data
-
-
-def accumulate_stats(records, indices, crops, encode_images, cache=None, batch=16, warn=print):
-    """Per-channel moments of the DINOv3 features of records[indices] as cropped for training
-    (from the cache when there is one). encode_images: list of [3, h, w] -> list of
-    [C, h/16, w/16]. Unreadable images are skipped with a warning. Returns a
-    StatsAccumulator (svgt2i)."""
-    acc, images = StatsAccumulator(), []
-
-    def flush():
-        for f in encode_images(images) if images else ():
-            acc.update(f[None])
-        images.clear()
-
-    for i in indices:
-        try:
-            if cache is not None:
-                acc.update(cache.read(i)["latent"][None])
-                continue
-            images.append(load_image(records[i]["path"], crops))
-        except Exception as e:
-            warn(f"warning: statistics skip {records.where(i)} ({describe(e)})")
-            continue
-        if len(images) == batch:
-            flush()
-    flush()
-    return acc
-
-
-# -------------------------------------------------------------------------------------------------
-# The optional feature cache: DINOv3 latents and Gemma features precomputed on disk
-
-
-class Cache:
-    """DIR/meta.json (what the features depend on), DIR/empty.safetensors (the dropped caption),
-    DIR/{i // 10000:05d}/{i:09d}.safetensors per record: "latent" [C, h, w] raw fp32 DINOv3
-    features and "text.{language}.{length}" [n_tokens, D] Gemma features of every caption variant
-    (valid tokens only; padding is re-added per batch, which changes nothing: Gemma is causal and
-    NextDiT masks padded keys). An unreadable image gets a DIR/.../{i:09d}.bad file instead, and is
-    skipped like an unreadable image. Filling is shared out by the caller
-    (each rank fills its own records); then one process calls finish()."""
-
-    def __init__(self, folder, meta):
-        """`meta`: what the features depend on. An existing cache built for other
-        settings is refused."""
-        self.folder, self.meta, self.empty = Path(folder), dict(meta), None
-        if (self.folder / "meta.json").is_file():
-            old = json.loads((self.folder / "meta.json").read_text())
-            diff = [k for k in meta if old.get(k) != meta[k]]
-            if diff:
-                raise ValueError(f"--cache {folder} was built for other settings "
-                                 f"({', '.join(diff)} differ): use another cache folder")
-            self.meta = old
-
-    @staticmethod
-    def text_key(choice):
-        return f"text.{choice[0]}.{choice[1]}"
-
-    def file(self, i, suffix=".safetensors"):
-        return self.folder / f"{i // 10000:05d}" / f"{i:09d}{suffix}"
-
-    def missing(self, indices):
-        return [i for i in indices if not (self.file(i).exists() or self.file(i, ".bad").exists())]
-
-    def read(self, i):
-        if self.file(i, ".bad").exists():
-            raise ValueError(self.file(i, ".bad").read_text().strip())
-        return load_file(str(self.file(i)))
-
-    def write_empty(self, encode_texts, max_text_len):
-        """The features of the dropped caption, "" (one process writes it)."""
-        if not (self.folder / "empty.safetensors").exists():
-            self.folder.mkdir(parents=True, exist_ok=True)
-            feats, mask = encode_texts([""], max_text_len)
-            empty = {"text": feats[0, :int(mask[0].sum())].cpu().contiguous()}
-            atomic_write(self.folder / "empty.safetensors", lambda tmp: save_file(empty, str(tmp)))
-
-    def fill(self, indices, records, crops, encode_images, encode_texts, max_text_len):
-        """Encode and write records[indices]; an unreadable image gets its .bad file."""
-        images, texts, good = [], [], []
-        for i in indices:
-            self.file(i).parent.mkdir(parents=True, exist_ok=True)
-            try:
-                record = records[i]
-                images.append(load_image(record["path"], crops))
-            except Exception as e:
-                reason = describe(e)
-                atomic_write(self.file(i, ".bad"), lambda tmp: tmp.write_text(reason))
-                continue
-            texts.append([(self.text_key(c), t) for c, t in caption_texts(record)])
-            good.append(i)
-        if not good:
-            return
-        latents = encode_images(images)
-        feats, mask = encode_texts([t for per in texts for _, t in per], max_text_len)
-        lens = mask.sum(1).tolist()
-        k = 0
-        for i, latent, per in zip(good, latents, texts):
-            tensors = {"latent": latent.cpu().contiguous()}
-            for key, _ in per:
-                tensors[key] = feats[k, :lens[k]].cpu().contiguous()
-                k += 1
-            atomic_write(self.file(i), lambda tmp: save_file(tensors, str(tmp)))
-
-    def finish(self, n_records):
-        """Record the feature widths (so a model can be built without loading the encoders)
-        in meta.json."""
-        for i in range(n_records):
-            if self.file(i).exists():
-                d = load_file(str(self.file(i)))
-                self.meta["latent_channels"] = d["latent"].shape[0]
-                text = next(v for k, v in d.items() if k.startswith("text."))
-                self.meta["text_dim"] = text.shape[1]
-                break
-        self.folder.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.meta, indent=1)
-        atomic_write(self.folder / "meta.json", lambda tmp: tmp.write_text(text))
-
-    def load(self):
-        """After filling: the finished meta.json and the dropped caption's features."""
-        self.meta = json.loads((self.folder / "meta.json").read_text())
-        self.empty = load_file(str(self.folder / "empty.safetensors"))["text"]
-        return self

@@ -7,8 +7,8 @@ ViT that gives autoencoder-R its 8 extra latent channels. Plain PyTorch; imports
     ImageNet-normalised image [B, 3, H, W] --ResidualViT--> residual channels [B, 8, H/16 * W/16]
 
 Module and parameter names mirror the official Lightning checkpoint (`decoder.*`, `extra_vit.*`),
-so the key maps at the end are a prefix strip; svgt2i.load_decoder / load_autoencoder read the
-file and load strictly.
+so the key maps at the end are a prefix strip; the plumbing's load_decoder / load_autoencoder read
+the file and load strictly.
 
 What the official checkpoint holds, and what we do with each part:
     decoder.*               -> Decoder (194 tensors).
@@ -17,7 +17,7 @@ What the official checkpoint holds, and what we do with each part:
                                 from; never called.
         extra_vit.freqs_t_x/_y  the integer column/row indices of a 64x64 patch grid; we compute
                                 the coordinates of the actual grid on every call instead.
-    encoder.*               -> DINOv3 (dinov3.py, loaded by svgt2i.load_autoencoder); ignored here.
+    encoder.*               -> DINOv3 (dinov3.py, loaded by load_autoencoder); ignored here.
     norm_vit.* (R only)     ignored on purpose: LayerNorm(40) built upstream, unused by encode().
     loss.*                  ignored on purpose: LPIPS + PatchGAN discriminator, training-only.
 Anything else inside the prefixes we load (missing, unexpected or mis-shaped) is a one-line
@@ -414,12 +414,7 @@ class ResidualViT(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------
-# The key maps (svgt2i.load_decoder / load_autoencoder open the file)
-
-
-def _names(keys, n=6):
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+# The key maps (the plumbing's load_decoder / load_autoencoder open the file)
 
 
 def decoder_keymap(sd):
@@ -430,9 +425,9 @@ def decoder_keymap(sd):
         return dict(sd)
     out = {k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")}
     if "conv_in.weight" not in out:
-        found = {k.split(".")[0] for k in sd}
+        found = sorted({k.split(".")[0] for k in sd})
         raise ValueError("no decoder weights found (no 'decoder.conv_in.weight' or "
-                         f"'conv_in.weight'; keys start with {_names(found) or 'nothing'}): "
+                         f"'conv_in.weight'; keys start with {', '.join(found) or 'nothing'}): "
                          "expected an SVG autoencoder checkpoint "
                          "(svg_autoencoder-P/R-stage*.ckpt) or a decoder state dict")
     return out

@@ -10,7 +10,8 @@ tokens, LayerScale and a SwiGLU MLP, then one final LayerNorm over all tokens. N
 absolute positions.
 
 Module and parameter names mirror the original checkpoint keys (`blocks.3.attn.qkv.weight` ...), so
-the key map at the end (dinov3_keymap; svgt2i.load_dinov3 reads the files) is short and explicit.
+the key map at the end (dinov3_keymap; the plumbing's load_dinov3 reads the files) is short and
+explicit.
 """
 
 import math
@@ -266,7 +267,7 @@ class DINOv3(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------
-# The key map. Three file layouts hold the same weights (svgt2i.load_dinov3 opens each):
+# The key map. Three file layouts hold the same weights (plumbing.loading.load_dinov3 opens each):
 #   original  `dinov3_vits16plus_pretrain_lvd1689m-*.pth`: our names exactly, plus
 #   `mask_token` (dropped) and
 #             `blocks.N.attn.qkv.bias_mask` (folded into the bias);
@@ -298,11 +299,6 @@ _HF_BLOCK = {
 _HF_QKV = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "q_proj.bias", "v_proj.bias")
 # transformers <= 4.57 (the hub files) writes `layer.N.`, >= 5.0 writes `model.layer.N.`.
 _HF_LAYER = re.compile(r"(?:model\.)?layer\.(\d+)\.(.+)")
-
-
-def _listing(keys: list[str], limit: int = 5) -> str:
-    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
 
 
 def _from_original(sd: dict, missing: list) -> dict:
@@ -361,9 +357,9 @@ def dinov3_keymap(state_dict: dict, hf_config: dict | None = None, source: str =
     """An original or HF state dict under our names -> (DINOv3Config, state dict, missing keys).
 
     `missing` names the file's keys the map needed but did not find (a bias_mask, a q/k/v part),
-    for svgt2i.build to report together with every other key problem. `hf_config` is a parsed HF
-    config.json (head count, rope_theta, eps); without it an HF state dict gets 64-dim heads,
-    base 100, eps 1e-5.
+    for the plumbing's build to report together with every other key problem. `hf_config` is a
+    parsed HF config.json (head count, rope_theta, eps); without it an HF state dict gets 64-dim
+    heads, base 100, eps 1e-5.
     """
     keys = list(state_dict)
     if any(k.startswith("embeddings.") for k in keys):
@@ -374,7 +370,7 @@ def dinov3_keymap(state_dict: dict, hf_config: dict | None = None, source: str =
         raise ValueError(f"{source} is not a DINOv3 checkpoint: expected keys like 'cls_token', "
                          "'blocks.0.attn.qkv.weight' (original) or 'embeddings.cls_token', "
                          "'layer.0.attention.q_proj.weight' (Hugging Face); found "
-                         f"{_listing(keys) or 'none'}")
+                         f"{', '.join(keys[:5]) or 'none'}{' ...' if len(keys) > 5 else ''}")
     missing = []
     if layout == "hf":
         if hf_config is not None:

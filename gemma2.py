@@ -3,13 +3,13 @@
 SVG-T2I feeds the DiT with `hidden_states[-2]` of the base Gemma-2 model (no LM head): the raw
 residual stream after the second-to-last decoder layer, for a right-padded batch that starts with
 BOS. This file is the decoder (embedding x sqrt(H), 26 sandwich-normed layers, final norm), the key
-map of the Hugging Face checkpoint folder (svgt2i.load_gemma2 reads it) and its writer, and a
+map of the Hugging Face checkpoint folder (the plumbing's load_gemma2 reads it), and a
 plain-sentencepiece tokenizer that reproduces the Hugging Face tokenizer as SVG-T2I calls it.
 
 Every op is written in the order Hugging Face runs it, so that features match bit for bit
 in fp32 and bf16.
 
-For the prompt enhancer (svgt2i.enhance_prompt, the official sampler's --system_type enhance) the
+For the prompt enhancer (plumbing.enhancer, the official sampler's --system_type enhance) the
 model also has the tied LM head with its final soft-cap, greedy decoding with a KV cache as
 transformers' generate, and the tokenizer decodes.
 """
@@ -17,7 +17,6 @@ transformers' generate, and the tokenizer decodes.
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass, fields
 
 import torch
@@ -499,8 +498,7 @@ class Gemma2(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------
-# The key map (svgt2i.load_gemma2 reads the Hugging Face folder), and its inverse:
-# writing such a folder
+# The key map (plumbing.loading.load_gemma2 reads the Hugging Face folder)
 
 
 def gemma2_keymap(sd):
@@ -508,36 +506,6 @@ def gemma2_keymap(sd):
     (Gemma2ForCausalLM, the official files; a Gemma2Model file has no prefix) and drop
     `lm_head.weight`, which is tied to `embed_tokens`."""
     return {k.removeprefix("model."): v for k, v in sd.items() if k != "lm_head.weight"}
-
-
-def gemma2_hub_config(c):
-    """A Gemma2Config as the Hub's config.json spells it."""
-    return {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
-            "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
-            "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_hidden_layers,
-            "num_attention_heads": c.num_attention_heads,
-            "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim,
-            "query_pre_attn_scalar": c.query_pre_attn_scalar, "sliding_window": c.sliding_window,
-            "rope_theta": c.rope_theta, "rms_norm_eps": c.rms_norm_eps,
-            "attn_logit_softcapping": c.attn_logit_softcapping,
-            "final_logit_softcapping": c.final_logit_softcapping,
-            "hidden_activation": "gelu_pytorch_tanh", "hidden_act": "gelu_pytorch_tanh",
-            "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "torch_dtype": "float32"}
-
-
-def save_gemma2_folder(model, folder, tokenizer_file=None):
-    """A Hugging Face style folder: config.json (Hub spelling), model.safetensors (`model.` keys)
-    and tokenizer.model, which svgt2i.load_gemma2 and Gemma2Tokenizer read."""
-    from safetensors.torch import save_file
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(gemma2_hub_config(model.config), f, indent=2)
-    save_file({"model." + k: v.detach().float().contiguous()
-               for k, v in model.state_dict().items()},
-              os.path.join(folder, "model.safetensors"))
-    if tokenizer_file is not None:
-        shutil.copyfile(tokenizer_file, os.path.join(folder, "tokenizer.model"))
-    return folder
 
 
 # -------------------------------------------------------------------------------------------------
@@ -646,24 +614,3 @@ class Gemma2Tokenizer:
             ids[b, :len(s)] = torch.tensor(s, dtype=torch.long)
             mask[b, :len(s)] = 1
         return ids, mask
-
-
-def train_tokenizer(texts, model_prefix, vocab_size=512):
-    """Train a small sentencepiece BPE model with Gemma's conventions (the tiny and toy text
-    encoders): <pad> 0, <eos> 1, <bos> 2, <unk> 3, byte fallback, digits split, no dummy prefix,
-    whitespace kept. Writes and returns MODEL_PREFIX.model. The model is trained in memory, so it
-    records no file name (sentencepiece would keep the path it was written to in its spec)."""
-    import io
-
-    import sentencepiece as spm
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(texts)), model_writer=buf, model_type="bpe",
-        vocab_size=vocab_size, hard_vocab_limit=False, character_coverage=1.0, byte_fallback=True,
-        split_digits=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", allow_whitespace_only_pieces=True, pad_id=0, eos_id=1,
-        bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
-        unk_piece="<unk>", num_threads=1, minloglevel=2)
-    with open(model_prefix + ".model", "wb") as f:
-        f.write(buf.getvalue())
-    return model_prefix + ".model"

@@ -11,7 +11,7 @@ grouped-query (24 query heads share 8 K/V heads in the 2B model).
 Conventions: x is a normalised DINOv3 latent [C=384, H/16, W/16]
 (one token per DINO patch, patch_size 1); t in [0, 1] with 0 = pure noise and 1 = data
 (not scaled by 1000); the output is the velocity d x_t / d t. Module and parameter names mirror the
-official checkpoint keys, so loading (svgt2i.load_nextdit) is a plain strict load.
+official checkpoint keys, so loading (plumbing.loading.load_nextdit) is a plain strict load.
 
 Where this code deliberately differs from the official implementation
 (same function, different mechanics):
@@ -153,7 +153,7 @@ PRESETS = {
     # 0.24M parameters for tests; n_heads / n_kv_heads = 3 as in the 2B model
     "tiny": dict(in_channels=8, dim=72, n_layers=2, n_refiner_layers=1, n_heads=6, n_kv_heads=2,
                  ffn_dim=96, cap_feat_dim=32, axes_dims=(4, 4, 4)),
-    # the toy model (python train.py --toy): 48-wide heads as 3 x 16 RoPE axes; 4.5M parameters
+    # the toy model (python toy.py train): 48-wide heads as 3 x 16 RoPE axes; 4.5M parameters
     # with the toy's 128 latent channels and 64-wide captions
     # (train.py sets in_channels and cap_feat_dim from the encoders)
     "toy": dict(dim=192, n_layers=6, n_refiner_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=512,
@@ -570,7 +570,7 @@ class Context:
 
 
 # -------------------------------------------------------------------------------------------------
-# The key map (svgt2i.load_nextdit opens the file): the official names are ours; only
+# The key map (plumbing.loading.load_nextdit opens the file): the official names are ours; only
 # wrappers are undone.
 
 # Key infixes written by FSDP / activation checkpointing / torch.compile wrappers; DDP adds a
@@ -579,7 +579,7 @@ _WRAPPER_INFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_or
 
 
 def nextdit_keymap(obj):
-    """An official consolidated state dict -> ours: the wrapper prefixes stripped (svgt2i's reader
+    """An official consolidated state dict -> ours: the wrapper prefixes stripped (read_state_dict
     has already unwrapped {"model": sd} and the like)."""
     if not isinstance(obj, Mapping):
         raise ValueError(f"a NextDiT checkpoint must hold a state dict, got {type(obj).__name__}")

@@ -25,6 +25,10 @@ ever a training image.
 
     python toy.py --check            # the analyser on ground-truth renders, clean and degraded
     python toy.py --grid shapes.png  # a contact sheet of samples, to look at
+    python toy.py train --out runs/toy   # the toy SVG-T2I, end to end on a CPU (about an hour)
+
+The training command calls the trainers as a user would (train_autoencoder.main and train.main with
+argument lists); they never import this file, and importing it needs no torch.
 """
 
 import argparse
@@ -38,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from plumbing.release import TOY_BUNDLE
 
 # -------------------------------------------------------------------------------------------------
 # the world
@@ -429,7 +435,7 @@ def wrong_caption(scene, category, rng):
 
 
 # -------------------------------------------------------------------------------------------------
-# preparing and training the toy SVG-T2I: python train.py --toy runs train() below
+# preparing and training the toy SVG-T2I: python toy.py train runs train() below
 #
 # Every part is the real code path with tiny sizes: a random DINOv3
 # (a stand-in for the pretrained one: with its LayerScale at the official 1e-5 init, its features
@@ -439,47 +445,13 @@ def wrong_caption(scene, category, rng):
 
 SIZE = 64  # the toy's images: a 4 x 4 grid of DINOv3 patches
 # the bundled toy model, which sample.py --toy reads, and its sampling defaults (in its run.json)
-BUNDLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy")
+BUNDLE = TOY_BUNDLE
 SAMPLING = dict(steps=25, cfg=4.0, shift=2.0, solver="euler", system_prompt="empty")
-
-
-def make_tiny_frozen(folder, texts, seed=0, dinov3_config=None, decoder_config=None,
-                     gemma_config=None):
-    """Write tiny random frozen parts into `folder`: a DINOv3 (`dinov3.pth`, original layout), an
-    autoencoder (`autoencoder.safetensors`: `encoder.*` DINOv3 + `decoder.*`, random decoder) and a
-    Gemma-2 folder (`text_encoder/`) with a sentencepiece tokenizer trained on `texts`. Random
-    weights stand in for the pretrained ones: the point is that every loader and code path is the
-    real one. Returns their paths."""
-    import sentencepiece as spm
-    import torch
-    from safetensors.torch import save_file
-
-    from decoder import Decoder, DecoderConfig
-    from dinov3 import DINOv3, DINOv3Config, dinov3_official_state_dict
-    from gemma2 import Gemma2, Gemma2Config, save_gemma2_folder, train_tokenizer
-
-    os.makedirs(folder, exist_ok=True)
-    torch.manual_seed(seed)
-    dcfg = dinov3_config or DINOv3Config(dim=64, depth=2, n_heads=1, ffn_dim=128)
-    dino_sd = dinov3_official_state_dict(DINOv3(dcfg))
-    torch.save(dino_sd, os.path.join(folder, "dinov3.pth"))
-    decoder = Decoder(decoder_config or DecoderConfig.tiny(z_channels=dcfg.dim))
-    ae_sd = {**{"encoder." + k: v for k, v in dino_sd.items()},
-             **{"decoder." + k: v.detach() for k, v in decoder.state_dict().items()}}
-    save_file({k: v.contiguous() for k, v in ae_sd.items()},
-              os.path.join(folder, "autoencoder.safetensors"))
-    tok = train_tokenizer(texts, os.path.join(folder, "tokenizer"))
-    vocab = spm.SentencePieceProcessor(model_file=tok).get_piece_size()
-    gcfg = gemma_config or Gemma2Config.tiny(vocab_size=vocab, hidden_size=64, num_hidden_layers=2,
-                                             sliding_window=512)
-    gemma_dir = save_gemma2_folder(Gemma2(gcfg), os.path.join(folder, "text_encoder"), tok)
-    return {"autoencoder": os.path.join(folder, "autoencoder.safetensors"),
-            "dinov3": os.path.join(folder, "dinov3.pth"), "gemma": gemma_dir}
 
 
 def write_data(folder, n, seed=TRAIN_SEED):
     """n training images of the shapes world as PNGs, and the data.jsonl that lists them."""
-    from svgt2i import atomic_write
+    from plumbing.files import atomic_write
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -503,8 +475,9 @@ def train_decoder(ae_path, data, steps, out, seed=0, threads=None, log=print):
     written back into `ae_path`."""
     from safetensors.torch import save_file
 
-    import train_autoencoder as trainer
-    from svgt2i import atomic_write, checkpoint_folder, read_state_dict
+    import train_autoencoder
+    from plumbing.files import atomic_write, read_state_dict
+    from plumbing.release import checkpoint_folder
 
     argv = ["--ae", "P", "--data", str(data), "--out", str(out), "--init-from", str(ae_path),
             "--perceptual-weight", "0", "--disc-weight", "0", "--resolution", str(SIZE),
@@ -516,8 +489,8 @@ def train_decoder(ae_path, data, steps, out, seed=0, threads=None, log=print):
         argv += ["--threads", str(threads)]
     if (Path(out) / "latest").is_file():
         argv.append("--resume")
-    run = trainer.train(trainer.finish_args(trainer.parse_args(argv)))
-    trained = read_state_dict(Path(checkpoint_folder(str(run))) / "autoencoder.safetensors")
+    train_autoencoder.main(argv)
+    trained = read_state_dict(Path(checkpoint_folder(str(out))) / "autoencoder.safetensors")
     sd = {k: v.clone() for k, v in read_state_dict(ae_path).items()}
     sd.update({k: v.contiguous() for k, v in trained.items() if k.startswith("decoder.")})
     atomic_write(ae_path, lambda tmp: save_file(sd, str(tmp)))
@@ -533,7 +506,8 @@ def prepare(work, n_images=6000, decoder_steps=2000, seed=0, log=print):
 
     from dinov3 import DINOv3Config
     from decoder import DecoderConfig
-    from svgt2i import atomic_write
+    from plumbing.files import atomic_write
+    from plumbing.tiny import make_tiny_frozen
 
     work = Path(work)
     data = work / "data" / "data.jsonl"
@@ -562,7 +536,8 @@ def write_bundle(bundle, run_dir, frozen):
     Weights are stored in fp16 (half the size; the loaders cast them to the model dtype)."""
     from safetensors.torch import save_file
 
-    from svgt2i import atomic_write, checkpoint_folder, read_state_dict
+    from plumbing.files import atomic_write, read_state_dict
+    from plumbing.release import checkpoint_folder
 
     ckpt = Path(checkpoint_folder(str(run_dir)))
     run = json.loads((ckpt / "run.json").read_text())
@@ -579,30 +554,32 @@ def write_bundle(bundle, run_dir, frozen):
         shutil.copyfile(ckpt / "latent_stats.pt", tmp / "latent_stats.pt")
         shutil.copytree(frozen["gemma"], tmp / "text_encoder")
         info = {"frozen": {}, "resolution": SIZE, "sample": SAMPLING, "model": run["model"],
-                "trained": {"step": run.get("step"), "note": "python train.py --toy"}}
+                "trained": {"step": run.get("step"), "note": "python toy.py train"}}
         (tmp / "run.json").write_text(json.dumps(info, indent=2) + "\n")
     return atomic_write(bundle, write)
 
 
 def train(args):
-    """python train.py --toy: the whole toy SVG-T2I, end to end, on a CPU: prepare() (the shapes
+    """python toy.py train: the whole toy SVG-T2I, end to end, on a CPU: prepare() (the shapes
     world's images and captions, tiny frozen parts, the decoder trained on reconstruction), then
-    train.py's own loop on --model toy (its recipe: train.TOY_STAGE; latent statistics computed
-    from the data, features cached), then the bundle sample.py --toy reads. `args` are train.py's;
-    the flags a user set override the recipe."""
+    train.py on --model toy (its recipe: train.TOY_STAGE; latent statistics computed from the
+    data, features cached), then the bundle sample.py --toy reads. The flags a user set
+    (--steps, --global-batch, --lr, --ema-decay) override the recipe."""
     import torch
 
-    import train as trainer
+    import train as dit_trainer
+    from plumbing import UsageError
+    from plumbing.runs import Dist, fmt_time
 
     t_start = time.time()
-    work = Path(os.path.abspath(args.out or "runs/toy"))
+    work = Path(os.path.abspath(args.out))
     if (work / "dit" / "latest").is_file() and not args.resume:
-        raise trainer.UsageError(f"{work} already holds a toy run: pass --resume to continue it, "
-                                 "or choose another --out")
+        raise UsageError(f"{work} already holds a toy run: pass --resume to continue it, "
+                         "or choose another --out")
     work.mkdir(parents=True, exist_ok=True)
-    log = trainer.Dist(log_file=work / "log.txt").log
+    log = Dist(log_file=work / "log.txt").log
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    made = prepare(work, args.toy_images, args.toy_decoder_steps, args.seed, log)
+    made = prepare(work, args.images, args.decoder_steps, args.seed, log)
     argv = ["--model", "toy", "--data", made["data"], "--out", str(work / "dit"),
             "--autoencoder", made["autoencoder"], "--gemma", made["gemma"], "--system-prompt",
             "empty", "--cache", str(work / "cache"), "--seed", str(args.seed), "--threads",
@@ -613,11 +590,12 @@ def train(args):
             argv += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     if (work / "dit" / "latest").is_file():
         argv.append("--resume")
-    trainer.train(trainer.finish_args(trainer.parse_args(argv)))
+    dit_trainer.main(argv)
     bundle = os.path.abspath(args.bundle or BUNDLE)
     write_bundle(bundle, work / "dit", made)
-    log(f"toy model written to {bundle} ({trainer.fmt_time(time.time() - t_start)} in all)")
-    log(f"score it: python sample.py {'--toy' if bundle == BUNDLE else '--ckpt ' + bundle} --score")
+    log(f"toy model written to {bundle} ({fmt_time(time.time() - t_start)} in all)")
+    where = "--toy" if bundle == BUNDLE else "--ckpt " + bundle
+    log(f"score it: python sample.py {where} --score")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -660,16 +638,50 @@ def grid(path, n=24, size=128, seed=TRAIN_SEED, columns=6):
     sheet.save(path)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="The shapes world: data and prompt-following "
-                                                 "score.")
-    parser.add_argument("--check", action="store_true",
-                        help="validate the analyser on ground-truth renders")
-    parser.add_argument("--grid", metavar="PNG", help="save a contact sheet of training samples")
-    parser.add_argument("--n", type=int, default=500, help="images for --check (default 500)")
-    parser.add_argument("--size", type=int, default=128, help="image size (default 128)")
-    args = parser.parse_args()
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="The shapes world: data, a prompt-following score, "
+                                            "and the toy SVG-T2I trained on it.")
+    p.add_argument("--check", action="store_true",
+                   help="validate the analyser on ground-truth renders")
+    p.add_argument("--grid", metavar="PNG", help="save a contact sheet of training samples")
+    p.add_argument("--n", type=int, default=500, help="images for --check (default 500)")
+    p.add_argument("--size", type=int, default=128, help="image size (default 128)")
+    commands = p.add_subparsers(dest="command", metavar="train")
+    t = commands.add_parser("train", help="train the toy SVG-T2I on a CPU: data, frozen parts, "
+                            "decoder (train_autoencoder.py), DiT (train.py), bundle")
+    t.add_argument("--out", default="runs/toy",
+                   help="the run's folder: data, frozen parts, both runs (default runs/toy)")
+    t.add_argument("--images", type=int, default=6000,
+                   help="training images of the shapes world (default 6000)")
+    t.add_argument("--decoder-steps", type=int, default=2000, help="decoder reconstruction "
+                   "steps of train_autoencoder.py, batch 16 (default 2000)")
+    t.add_argument("--bundle", default=None, help="where the finished model goes (default: "
+                   "assets/toy, the folder sample.py --toy reads)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--steps", type=int, default=None, help="DiT steps (default: train.py's toy "
+                   "recipe, 2200)")
+    t.add_argument("--global-batch", type=int, default=None, help="DiT batch (default 64)")
+    t.add_argument("--lr", type=float, default=None, help="DiT learning rate (default 1e-3)")
+    t.add_argument("--ema-decay", type=float, default=None, help="DiT EMA decay (default 0.999)")
+    t.add_argument("--seed", type=int, default=0,
+                   help="seed of the frozen parts, the decoder and the DiT (default 0)")
+    t.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's choice)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.command == "train":
+        from plumbing.cli import command_line
+        with command_line("toy.py"):
+            train(args)
+        return
     if args.grid:
         grid(args.grid, size=args.size)
     if args.check or not args.grid:
         check(args.n, args.size)
+
+
+if __name__ == "__main__":
+    main()

@@ -7,15 +7,11 @@ L1 + LPIPS + an adaptive-weighted PatchGAN; and measure reconstructions (PSNR, S
     torchrun --nproc_per_node 8 train_autoencoder.py --stage 1 --data imagenet/train \\
         --out runs/ae1 --dinov3 pre-trained/dinov3_vits16plus_pretrain_lvd1689m-*.pth \\
         --vgg vgg16-397923af.pth --lpips vgg.pth
-    # the multi-resolution stages start from the previous stage (frozen parts and loss weights too)
+    # the multi-resolution stages start from the previous stage (frozen parts and loss weights
+    # too), as a fine-tuning of the released svg_autoencoder-P-stage3.ckpt does; R: --ae R
     torchrun --nproc_per_node 8 train_autoencoder.py --stage 2 --data data.jsonl --out runs/ae2 \\
-        --init-from runs/ae1
-    # fine-tune the released decoder on your own images
-    torchrun --nproc_per_node 8 train_autoencoder.py --stage 3 --data my_images/ --out runs/ft \\
-        --init-from pre-trained/autoencoder/svg_autoencoder-P-stage3.ckpt --dinov3 ... --vgg ...
-    # autoencoder-R: the same with --ae R; continue a stopped run exactly: the same with --resume
-    # reconstruction metrics (the official protocol)
-    python train_autoencoder.py --eval --data imagenet/val --ckpt runs/ae1 --limit 5000
+        --init-from runs/ae1               # continue a stopped run exactly: the same + --resume
+    python train_autoencoder.py --eval --data imagenet/val --ckpt runs/ae1 --limit 5000  # metrics
 
 One iteration (the official step, reference decoder.md section 4.3), on one micro-batch or several:
 every image is encoded by the frozen DINOv3 (and, for R, the residual ViT, whose 8 channels are
@@ -27,12 +23,6 @@ loss on the same, detached, pre-update reconstructions drives one Adam step of t
 (also while f = 0, as upstream: its loss is then 0, Adam still counts the step). Fixed-size stages
 run the micro-batch as one tensor; the multi-resolution stages run every image alone (its own
 aspect bucket; BatchNorm statistics and R's matching per image).
-
-disc_start counts iterations (one decoder update + one discriminator update). Upstream compared
-Lightning's global_step, which advances by 2 per iteration with two optimisers, against
-disc_start: 5000, so the released runs switched the GAN on at iteration 2500; our default is 2500,
-which reproduces that (disc_start_from_lightning converts a config value). Every stage counts from
-its own start, as every upstream stage was a new fit.
 
 Where the official trainer is not followed, on purpose:
 - While f = 0 the adaptive weight is not computed (upstream computes it and multiplies the term by
@@ -49,31 +39,20 @@ Where the official trainer is not followed, on purpose:
 """
 
 import argparse
-import contextlib
-import dataclasses
-import json
 import math
 import os
-import re
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
-from data import ImageSet, crops_for, describe, eval_crop, open_records, read_image
-from decoder import (Decoder, DecoderConfig, ResidualViT, ResidualViTConfig, decoder_keymap,
-                     residual_vit_keymap)
-from dinov3 import dinov3_official_state_dict
-from runs import (Dist, HelpFormatter, UsageError, absolute_paths, add_system_args, batch_plan,
-                  check_replicas, command_line, compute_stats, data_stream, fmt_time,
-                  load_fitting, open_run, restore_run_state, resume_folder, run_state,
-                  save_checkpoint, stop_on_signals, truncate_log, warn_skipped, wrap_ddp)
-from svgt2i import (Autoencoder, atomic_write, build, checkpoint_folder, load_autoencoder,
-                    load_dinov3, read_state_dict, sub_state_dict, with_residual)
+from data import ImageSet, crops_for, open_records
+from decoder import Decoder, ResidualViT
+from plumbing import cli, loading, runs
+from svgt2i import Autoencoder, with_residual
 
 # -------------------------------------------------------------------------------------------------
 # Stages (paper Table 3) and the official recipe (reference decoder.md section 4)
@@ -89,16 +68,12 @@ STAGES = {
 RECIPE = dict(lr=1e-4, perceptual_weight=1.0, disc_weight=0.5, disc_start=2500, save_every=2000,
               log_every=10, workers=min(4, os.cpu_count() or 1), threads=0, stats_images=10000)
 ADAM_BETAS = (0.5, 0.9)    # both optimisers; no weight decay, no schedule, no EMA, fp32
-# what --resume checks in a checkpoint before trusting it (latent_stats.pt is R's, written last)
-CHECKPOINT_FILES = ("autoencoder.safetensors", "optimizer.pt", "state.pt", "run.json")
-VGG_FILE, LIN_FILE = "vgg16-397923af.pth", "vgg.pth"
-LPIPS_HINT = (f"pass --vgg {VGG_FILE} (torchvision's ImageNet VGG16) and --lpips {LIN_FILE} (the "
-              "lpips package's VGG linear layers), or --init-from a training checkpoint holding "
-              "loss.perceptual_loss.*, or --perceptual-weight 0 to do without LPIPS")
+# the terms a log line and a log.jsonl record average over their interval
+LOGGED = ("rec_loss", "p_loss", "g_loss", "d_weight", "disc_loss", "logits_real", "logits_fake")
 
 
 # -------------------------------------------------------------------------------------------------
-# LPIPS (VGG16), frozen: taming's layout, torchvision's trunk indices
+# LPIPS (VGG16), frozen: taming's layout, torchvision's trunk indices (files: plumbing.loading)
 
 
 VGG16_STAGES = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))   # (width, 3x3 convs) per stage
@@ -107,29 +82,13 @@ LPIPS_SHIFT, LPIPS_SCALE = (-0.030, -0.088, -0.188), (0.458, 0.448, 0.450)
 
 @dataclass
 class LPIPSConfig:
+    """The trunk's stages (a checkpoint's, from its shapes: plumbing.loading.lpips_config)."""
     stages: tuple = VGG16_STAGES    # each stage's last ReLU is a tap (relu1_2 ... relu5_3)
-
-    @classmethod
-    def from_state_dict(cls, sd):
-        """Stages from the trunk's conv indices (ours: net.features.{i}.*): convs of a stage are
-        2 apart (conv, ReLU), a max-pool between stages makes it 3."""
-        conv = re.compile(r"net\.features\.(\d+)\.weight")
-        idxs = sorted(int(m[1]) for m in map(conv.fullmatch, sd) if m)
-        if not idxs:
-            raise ValueError("no LPIPS trunk weights (net.features.{i}.weight)")
-        stages, start = [], 0
-        for j in range(1, len(idxs) + 1):
-            if j == len(idxs) or idxs[j] - idxs[j - 1] != 2:
-                width = sd[f"net.features.{idxs[j - 1]}.weight"].shape[0]
-                stages.append((width, j - start))
-                start = j
-        return cls(stages=tuple(stages))
 
 
 class VGG16Features(nn.Module):
-    """The VGG16 conv trunk under torchvision's `features.{i}` names; forward returns each stage's
-    last ReLU (features 3, 8, 15, 22, 29 for VGG16). Neither the last max-pool nor the classifier
-    is built."""
+    """The VGG16 conv trunk under torchvision's `features.{i}` names (no last max-pool, no
+    classifier); forward returns each stage's last ReLU (features 3, 8, 15, 22, 29 for VGG16)."""
 
     def __init__(self, stages):
         super().__init__()
@@ -149,8 +108,7 @@ class VGG16Features(nn.Module):
         outs = []
         for idx, layer in enumerate(self.features):
             x = layer(x)
-            if idx in self.taps:
-                outs.append(x)
+            outs += [x] if idx in self.taps else []
         return outs
 
 
@@ -164,11 +122,6 @@ class NetLinLayer(nn.Module):
 
     def forward(self, x):
         return self.model(x)
-
-
-def unit_channels(x, eps=1e-10):
-    """x / (||x||_2 over channels + eps), as lpips' normalize_tensor (eps outside the root)."""
-    return x / (x.pow(2).sum(dim=1, keepdim=True).sqrt() + eps)
 
 
 class LPIPS(nn.Module):
@@ -186,84 +139,17 @@ class LPIPS(nn.Module):
         self.requires_grad_(False)
 
     def forward(self, x, y):
-        shift = x.new_tensor(LPIPS_SHIFT).view(1, 3, 1, 1)
-        scale = x.new_tensor(LPIPS_SCALE).view(1, 3, 1, 1)
+        shift, scale = (x.new_tensor(v).view(1, 3, 1, 1) for v in (LPIPS_SHIFT, LPIPS_SCALE))
         # one trunk pass over both images: VGG has no batch-dependent layer
         feats = self.net((torch.cat([x, y]) - shift) / scale)
+        # lpips' normalize_tensor: x / (||x||_2 over channels + eps), eps outside the root
+        unit = lambda f: f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
         total = 0.0
         for k, f in enumerate(feats):
             fx, fy = f.chunk(2)                                                  # [B, C_k, h, w]
-            diff = (unit_channels(fx) - unit_channels(fy)).pow(2)
+            diff = (unit(fx) - unit(fy)).pow(2)
             total = total + getattr(self, f"lin{k}")(diff).mean(dim=(2, 3), keepdim=True)
         return total                                                             # [B, 1, 1, 1]
-
-
-# Where LPIPS weights come from, and our names:
-#   torchvision vgg16-397923af.pth   features.{i}.weight|bias   -> net.features.{i}.*
-#                                    classifier.*                  dropped (not part of LPIPS)
-#   lpips vgg.pth                    lin{k}.model.1.weight       -> the same name; anything else
-#                                                                   in that file is dropped
-#   an official training checkpoint  loss.perceptual_loss.net.slice{s}.{i}.* -> net.features.{i}.*
-#                                    (taming splits `features` into slices, keeping the index)
-#                                    loss.perceptual_loss.lin{k}.model.1.weight -> lin{k}...
-#                                    loss.perceptual_loss.scaling_layer.shift|scale: the fixed
-#                                    constants, checked and dropped; lins.*: lpips' alias, dropped
-LIN_KEY = re.compile(r"lin\d+\.model\.1\.weight")
-SLICE_KEY = re.compile(r"net\.slice\d+\.(\d+)\.(weight|bias)")
-LPIPS_PREFIX, DISC_PREFIX = "loss.perceptual_loss.", "loss.discriminator."
-
-
-def lpips_from_files(vgg_path, lin_path, device="cpu"):
-    """LPIPS from torchvision's VGG16 file and lpips' vgg.pth (legacy pickles are fine)."""
-    vgg, lin = read_state_dict(vgg_path), read_state_dict(lin_path)
-    sd = {("net." + k if k.startswith("features.") else k): v for k, v in vgg.items()
-          if not k.startswith("classifier.")}
-    sd.update({k: v for k, v in lin.items() if LIN_KEY.fullmatch(k)})
-    return _build_lpips(sd, f"{vgg_path} + {lin_path}", "", device)
-
-
-def lpips_from_checkpoint(sd, source, device="cpu"):
-    """LPIPS from the loss.perceptual_loss.* keys of an official (or our) training checkpoint."""
-    sub, ours = sub_state_dict(sd, LPIPS_PREFIX), {}
-    for k, v in sub.items():
-        m = SLICE_KEY.fullmatch(k)
-        if m:
-            ours[f"net.features.{m[1]}.{m[2]}"] = v
-        elif k.startswith("scaling_layer."):
-            expect = LPIPS_SHIFT if k.endswith("shift") else LPIPS_SCALE
-            if not torch.allclose(v.float().flatten(), torch.tensor(expect)):
-                raise ValueError(f"{source}: {LPIPS_PREFIX}{k} = {v.flatten().tolist()}, not "
-                                 f"LPIPS' constants {expect}")
-        elif not k.startswith("lins."):
-            ours[k] = v
-    return _build_lpips(ours, source, LPIPS_PREFIX, device)
-
-
-def _build_lpips(sd, source, prefix, device):
-    try:
-        config = LPIPSConfig.from_state_dict(sd)
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"{source}: not LPIPS VGG16 weights ({e})") from None
-    return build(LPIPS, config, sd, source, prefix, device).requires_grad_(False)
-
-
-def lpips_official_state_dict(lpips):
-    """Ours -> the official loss.perceptual_loss.* layout (without the prefix), constants included,
-    so our checkpoints can be fine-tuned again like the official ones."""
-    stage_of, i, out = {}, 0, {}
-    for s, (_, n) in enumerate(lpips.config.stages):
-        i += s > 0                                     # the max-pool before every stage but one
-        for _ in range(n):
-            stage_of[i] = s + 1
-            i += 2                                     # conv, ReLU
-    for k, v in lpips.state_dict().items():
-        if k.startswith("net.features."):
-            idx, p = k.split(".")[2:]
-            k = f"net.slice{stage_of[int(idx)]}.{idx}.{p}"
-        out[k] = v
-    out["scaling_layer.shift"] = torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1)
-    out["scaling_layer.scale"] = torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1)
-    return out
 
 
 # -------------------------------------------------------------------------------------------------
@@ -272,18 +158,10 @@ def lpips_official_state_dict(lpips):
 
 @dataclass
 class DiscriminatorConfig:
+    """The PatchGAN's sizes (a checkpoint's: plumbing.loading.discriminator_config)."""
     in_channels: int = 3
     ndf: int = 64                   # first layer's width; doubles per layer, at most 8 x ndf
-    n_layers: int = 3               # BatchNorm layers
-
-    @classmethod
-    def from_state_dict(cls, sd):
-        """From the shapes of main.* (2,765,633 parameters for the default)."""
-        if "main.0.weight" not in sd:
-            raise ValueError("no discriminator weights (main.0.weight)")
-        ndf, cin = sd["main.0.weight"].shape[:2]
-        n_layers = sum(1 for k in sd if re.fullmatch(r"main\.\d+\.running_mean", k))
-        return cls(in_channels=cin, ndf=ndf, n_layers=n_layers)
+    n_layers: int = 3               # BatchNorm layers: 2,765,633 parameters with the defaults
 
 
 class NLayerDiscriminator(nn.Module):
@@ -299,8 +177,7 @@ class NLayerDiscriminator(nn.Module):
         for n in range(1, c.n_layers + 1):
             prev, mult = mult, min(2 ** n, 8)
             stride = 2 if n < c.n_layers else 1
-            layers += [nn.Conv2d(c.ndf * prev, c.ndf * mult, 4, stride=stride, padding=1,
-                                 bias=False),
+            layers += [nn.Conv2d(c.ndf * prev, c.ndf * mult, 4, stride, padding=1, bias=False),
                        nn.BatchNorm2d(c.ndf * mult), nn.LeakyReLU(0.2, True)]
         layers.append(nn.Conv2d(c.ndf * mult, 1, 4, stride=1, padding=1))
         self.main = nn.Sequential(*layers)
@@ -319,17 +196,6 @@ class NLayerDiscriminator(nn.Module):
 
     def forward(self, x):
         return self.main(x)
-
-
-def discriminator_from_checkpoint(sd, source, device="cpu"):
-    """The discriminator of a training checkpoint (loss.discriminator.*, running statistics
-    included), in its own memory (it is trained further), in train mode."""
-    sub = {k: v.clone() for k, v in sub_state_dict(sd, DISC_PREFIX).items()}
-    try:
-        config = DiscriminatorConfig.from_state_dict(sub)
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"{source}: {e}") from None
-    return build(NLayerDiscriminator, config, sub, source, DISC_PREFIX, device).train()
 
 
 # -------------------------------------------------------------------------------------------------
@@ -379,15 +245,11 @@ def adaptive_weight(nll, g_loss, last_layer, disc_weight=0.5, eps=1e-4, max_weig
 
 
 def gan_factor(iteration, disc_start):
-    """f: 1 from iteration disc_start (0-based iterations) on, else 0 (taming's adopt_weight)."""
+    """f: 1 from iteration disc_start (0-based; one decoder + one discriminator update) on, else 0
+    (taming's adopt_weight). Upstream compared Lightning's global_step, 2 per iteration with two
+    optimisers, against disc_start: 5000, so the released runs switched the GAN on at iteration
+    2500, our default (a config's value v is ceil(v / 2) here). Each stage counts from 0."""
     return 1.0 if iteration >= disc_start else 0.0
-
-
-def disc_start_from_lightning(global_steps):
-    """Our disc_start for an official config's value: upstream's generator term switched on when
-    global_step = 2 * iteration reached it. (For an odd value upstream's D term started one
-    iteration before its G term; not reproduced.)"""
-    return math.ceil(global_steps / 2)
 
 
 def generator_loss(reals, recons, logits_fake, lpips, factor, last_layer, args):
@@ -416,13 +278,13 @@ def discriminator_loss(pairs, factor):
 
 
 # -------------------------------------------------------------------------------------------------
-# What is trained
+# Training: what is trained, the discriminator's two passes, the networks of a run, the loop
 
 
-class Trainable(nn.Module):
-    """What the autoencoder optimiser trains, under the checkpoint's names: `decoder` and, for R,
-    `extra_vit` (every parameter, its RoPE frequencies included). forward: per group, the raw
-    DINOv3 features [b, 384, h, w] and (R) the ImageNet-normalised images -> reconstructions."""
+class TrainedAutoencoder(nn.Module):
+    """What the autoencoder's optimiser trains, under the checkpoint's names: `decoder` and, for R,
+    `extra_vit` (its RoPE frequencies included). forward: per group, the raw DINOv3 features
+    [b, 384, h, w] and (R) the ImageNet-normalised images -> reconstructions."""
 
     def __init__(self, decoder, extra_vit=None):
         super().__init__()
@@ -439,7 +301,7 @@ class Trainable(nn.Module):
         return [self.decoder(self.latents(f, x)) for f, x in zip(feats, pixels)]
 
 
-class Critic(nn.Module):
+class RealFakeDiscriminator(nn.Module):
     """The discriminator step's forward (one call, for DDP): D on every real group and, separately,
     on its detached reconstruction, so BatchNorm takes separate real and fake statistics (per
     image in the multi-resolution stages). -> [(logits real, logits fake)] per group."""
@@ -453,170 +315,203 @@ class Critic(nn.Module):
                 for x, r in zip(reals, fakes)]
 
 
-# -------------------------------------------------------------------------------------------------
-# Setup: the source checkpoint, the frozen parts, the models
+@dataclass
+class Networks:
+    """A run's networks (disc None: no GAN; lpips None: no perceptual term)."""
+    encoder: Autoencoder            # the frozen DINOv3, as an Autoencoder: encode, pixels
+    trained: TrainedAutoencoder
+    disc: NLayerDiscriminator | None
+    lpips: LPIPS | None
 
 
-def source_file(path, what):
-    """A checkpoint file: our run or checkpoint folder (its autoencoder.safetensors), or a file
-    (the official svg_autoencoder-*.ckpt, a safetensors file with the same keys)."""
-    path = Path(path)
-    if path.is_dir():
-        path = Path(checkpoint_folder(str(path))) / "autoencoder.safetensors"
-    if not path.is_file():
-        raise UsageError(f"{what}: {path} not found (expected a run or checkpoint folder of "
-                         "train_autoencoder.py, or an SVG autoencoder .ckpt)")
-    return path
-
-
-def load_frozen(args, d, source, source_path):
-    """DINOv3 (from --dinov3, else the source checkpoint's encoder.*) and LPIPS (choose_lpips)."""
-    dino_path = args.dinov3 or (source_path if any(k.startswith("encoder.") for k in source)
-                                else None)
-    if dino_path is None:
-        raise UsageError("no DINOv3 weights: pass --dinov3 "
-                         "dinov3_vits16plus_pretrain_lvd1689m-*.pth (or --init-from a checkpoint "
-                         "holding encoder.*)")
-    dino = load_dinov3(dino_path, device=d.device)
-    encoder = Autoencoder(None, dino).to(d.device).eval()
-    return encoder, choose_lpips(args, source, source_path, d.device), str(dino_path)
-
-
-def choose_lpips(args, source, source_path, device):
-    """LPIPS from --vgg and --lpips, else from `source`'s loss.perceptual_loss.*; None with
-    --perceptual-weight 0; else an error naming the files."""
-    if args.perceptual_weight == 0:
-        return None
-    if args.vgg or args.lpips:
-        if not (args.vgg and args.lpips):
-            raise UsageError(f"LPIPS needs both files: --vgg {VGG_FILE} and --lpips {LIN_FILE}")
-        return lpips_from_files(args.vgg, args.lpips, device)
-    if any(k.startswith(LPIPS_PREFIX) for k in source):
-        return lpips_from_checkpoint(source, str(source_path), device)
-    raise UsageError(f"no LPIPS weights{f' in {source_path}' if source_path else ''}: {LPIPS_HINT}")
-
-
-def model_configs(args, source, dino_dim, resuming):
-    """The decoder's and (R) the residual ViT's configs: the source checkpoint's shapes where it
-    has them, else the defaults, with --decoder-config / --residual-config on top (on --resume the
-    checkpoint's shapes alone); z_channels follows DINOv3's width (+ the residual channels)."""
-    dec = sub_state_dict(source, "decoder.")
-    over = {} if resuming else args.decoder_config
-    dcfg = dataclasses.replace(DecoderConfig.from_state_dict(dec) if dec else DecoderConfig(),
-                               **over)
-    rcfg = None
-    if args.ae == "R":
-        vit = sub_state_dict(source, "extra_vit.")
-        over = {} if resuming else args.residual_config
-        rcfg = dataclasses.replace(ResidualViTConfig.from_state_dict(residual_vit_keymap(vit))
-                                   if vit else ResidualViTConfig(), **over)
-    dcfg = dataclasses.replace(dcfg, z_channels=dino_dim + (rcfg.out_channels if rcfg else 0))
-    return dcfg, rcfg
-
-
-def build_models(args, d, source, source_name, dcfg, rcfg, resuming):
-    """The trainable part (seeded init, then what fits of --init-from) and the discriminator
-    (the source's, else a fresh one; none when --disc-weight is 0)."""
+def build_networks(args, dist, source, source_path, resuming):
+    """The frozen parts (plumbing.loading.autoencoder_frozen); the trained part, seeded, then the
+    source's weights (all on --resume, else what fits); the discriminator, the source's or a fresh
+    one (none at --disc-weight 0). Returns the Networks and the DINOv3 file."""
+    encoder, lpips, dino_path = loading.autoencoder_frozen(args, source, source_path, dist.device)
+    # the source's shapes, the flags' overrides on top (not on --resume)
+    dcfg, rcfg = loading.autoencoder_configs(source, args.ae == "R", encoder.encoder.config.dim,
+                                            {} if resuming else args.decoder_config,
+                                            {} if resuming else args.residual_config)
     torch.manual_seed(args.seed)
-    with torch.device(d.device):
+    with torch.device(dist.device):
         vit = ResidualViT(rcfg).reset_parameters() if rcfg else None
-        model = Trainable(Decoder(dcfg), vit)
-    theirs = {"decoder." + k: v for k, v in decoder_keymap(sub_state_dict(source, "decoder."))
-              .items()} if any(k.startswith("decoder.") for k in source) else {}
-    if rcfg and any(k.startswith("extra_vit.") for k in source):
-        theirs.update({"extra_vit." + k: v for k, v in residual_vit_keymap(source).items()})
+        model = TrainedAutoencoder(Decoder(dcfg), vit)
+    weights, name = loading.trained_weights(source, rcfg is not None), str(source_path)
     if resuming:
-        try:
-            model.load_state_dict(theirs, strict=True)
-        except RuntimeError as e:
-            raise UsageError(f"--resume {source_name}: the checkpoint does not fit --ae {args.ae} "
-                             f"({str(e).splitlines()[1].strip()})") from None
+        runs.load_exactly(model, weights, f"--resume {name}: the checkpoint does not fit --ae "
+                                          f"{args.ae}")
     elif source:
-        load_fitting(model, theirs, f"--init-from {source_name}", d)
+        runs.load_fitting(model, weights, f"--init-from {name}", dist)
     disc = None
-    if args.disc_weight > 0:
-        if any(k.startswith(DISC_PREFIX) for k in source):
-            disc = discriminator_from_checkpoint(source, source_name, d.device)
-            d.log(f"discriminator from {source_name}")
-        else:
-            with torch.device(d.device):
-                disc = NLayerDiscriminator(DiscriminatorConfig()).reset_parameters()
-    return model.train(), disc
+    if args.disc_weight > 0 and any(k.startswith(loading.DISC_PREFIX) for k in source):
+        disc = loading.discriminator_from_checkpoint(source, name, dist.device)
+        dist.log(f"discriminator from {name}")
+    elif args.disc_weight > 0:
+        with torch.device(dist.device):
+            disc = NLayerDiscriminator(DiscriminatorConfig()).reset_parameters()
+    return Networks(encoder, model.train(), disc, lpips), dino_path
 
 
-def optimizers(args, model, disc):
+def train(args):
+    """A training run (the module docstring says what one iteration does); returns OUT."""
+    # Setup distributed
+    dist = runs.Dist.start(args.device)
+    args.device = dist.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    per_rank, accum = runs.batch_plan(args, dist)
+    records = open_records(args.data)
+
+    # Setup the run folder and the checkpoint the run starts from: --resume's, else --init-from's
+    out = runs.open_run(args.out, args.resume, dist)
+    resume_dir = (runs.checkpoint_to_resume(args.resume, out, loading.AUTOENCODER_FILES, dist.warn)
+                  if args.resume else None)
+    source, source_path = loading.autoencoder_source(resume_dir, args.init_from)
+
+    # Setup the networks and their optimisers
+    nets, dino_path = build_networks(args, dist, source, source_path, resume_dir is not None)
+    model, disc = nets.trained, nets.disc
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=ADAM_BETAS)
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=ADAM_BETAS) if disc else None
-    return opt, opt_d
+
+    # Setup the run state: new, or resumed (counters, optimisers, every rank's generators)
+    step = position = skipped = 0       # skipped: this rank's unreadable images
+    if resume_dir:
+        loading.read_autoencoder_optimizers(resume_dir, opt, opt_d, dist.device)
+        state, skipped = runs.restore_state(resume_dir, dist, out / "log.jsonl")
+        step, position = state["step"], state["position"]
+    run_info = loading.autoencoder_run_record(args, dino_path, model, disc, nets.lpips)
+    ddp_model = runs.wrap_ddp(model, dist)
+    ddp_disc = runs.wrap_ddp(RealFakeDiscriminator(disc), dist) if disc is not None else None
+    count = lambda m: f"{sum(p.numel() for p in m.parameters()):,} parameters"
+    dist.log(f"autoencoder-{args.ae}: {count(model)} trained ({model.decoder.config.z_channels} "
+             f"latent channels); discriminator: {'none' if disc is None else count(disc)}; "
+             f"LPIPS: {'none' if nets.lpips is None else 'on'}")
+    dist.log(f"stage {args.stage}: {args.resolution}px {args.crops}, {args.steps} steps, global "
+             f"batch {args.global_batch} = {dist.world} ranks x {accum} x micro "
+             f"{args.micro_batch}, lr {args.lr}, GAN from iteration {args.disc_start}, "
+             f"{len(records)} images")
+
+    # Setup the data: this rank's slice of the global positions still to come
+    dataset = ImageSet(records, args.crops, args.resolution, args.seed)
+    batches = runs.data_stream(args, dist, dataset, position, max(0, args.steps - step))
+
+    # Training loop: an iteration is one step of the autoencoder, then one of the discriminator
+    meter, warned = runs.Meter(dist, LOGGED, args.steps, args.global_batch), (set(), set())
+    with runs.stop_on_signals() as stop:
+        while step < args.steps:
+            t0 = time.time()
+            factor = gan_factor(step, args.disc_start)       # `step` = this iteration's index
+            micro = [next(batches) for _ in range(accum)]
+            skipped += runs.warn_skipped([it for m in micro for it in m], records, warned, dist)
+
+            # The autoencoder's step: its gradient over the micro-batches, clipped, one Adam step
+            opt.zero_grad(set_to_none=True)
+            real_and_fake = autoencoder_backward(micro, nets, ddp_model, factor, per_rank, args,
+                                                 dist, meter)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                       args.grad_clip or math.inf)
+            opt.step()
+
+            # The discriminator's step, on the same images and their pre-update reconstructions
+            if ddp_disc is not None:
+                opt_d.zero_grad(set_to_none=True)
+                discriminator_backward(real_and_fake, ddp_disc, factor, per_rank, dist, meter)
+                opt_d.step()
+            step += 1
+            position += args.global_batch
+            meter.step(float(grad_norm), time.time() - t0)
+
+            # Log, save, stop (on a signal: save, and go on later with --resume)
+            counters = {"step": step, "position": position}
+            if runs.end_of_step(dist, args, step, stop,
+                                lambda: report(dist, meter, out, args, step, skipped, factor),
+                                lambda: save(dist, args, out, records, nets, (opt, opt_d),
+                                             counters, skipped, run_info)):
+                break
+    runs.end_of_run(dist, step, args, meter.t_start, out)
+    return out
 
 
-# -------------------------------------------------------------------------------------------------
-# Checkpoints: the autoencoder in the official key layout, written atomically, resumed exactly
+def autoencoder_backward(micro, nets, ddp_model, factor, per_rank, args, dist, meter):
+    """The decoder's (and ViT's) gradient of one step over the micro-batches (DDP all-reduces at
+    the last); returns, per micro-batch, (images, detached reconstructions, image count)."""
+    if nets.disc is not None:
+        nets.disc.requires_grad_(False)     # D takes no gradient in this pass (module docstring)
+    real_and_fake = []
+    for k, items in enumerate(micro):
+        # the groups: the micro-batch as one tensor [m, 3, S, S] (fixed), or each image (buckets)
+        images = [it["image"] for it in items]
+        reals = ([torch.stack(images).to(dist.device)] if args.crops == "fixed" else
+                 [im[None].to(dist.device) for im in images])
+        with torch.no_grad():
+            feats = [nets.encoder.encode(x) for x in reals]
+            pixels = [nets.encoder.pixels(x) if args.ae == "R" else None for x in reals]
+        with ddp_model.no_sync() if dist.world > 1 and k < len(micro) - 1 else nullcontext():
+            recons = ddp_model(feats, pixels)
+            with torch.set_grad_enabled(factor > 0):            # (no discriminator: no L_G)
+                logits = [nets.disc(r) for r in recons] if nets.disc is not None else None
+            total, log = generator_loss(reals, recons, logits, nets.lpips, factor,
+                                        nets.trained.decoder.conv_out.weight, args)
+            (total * len(items) / per_rank).backward()
+        meter.add(**log)
+        real_and_fake.append((reals, [r.detach() for r in recons], len(items)))
+    if nets.disc is not None:
+        nets.disc.requires_grad_(True)
+    return real_and_fake
 
 
-def autoencoder_state_dict(encoder, model, disc, lpips):
-    """encoder.* (DINOv3, original layout), decoder.*, extra_vit.* (R), loss.discriminator.*,
-    loss.perceptual_loss.* (official layout): what load_autoencoder reads and what --init-from
-    fine-tunes again."""
-    sd = {"encoder." + k: v for k, v in dinov3_official_state_dict(encoder.encoder).items()}
-    sd.update(model.state_dict())
-    if disc is not None:
-        sd.update({DISC_PREFIX + k: v for k, v in disc.state_dict().items()})
-    if lpips is not None:
-        sd.update({LPIPS_PREFIX + k: v for k, v in lpips_official_state_dict(lpips).items()})
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
+def discriminator_backward(real_and_fake, ddp_disc, factor, per_rank, dist, meter):
+    """The discriminator's gradient of one step, on the images and pre-update reconstructions of
+    every micro-batch (DDP all-reduces at the last)."""
+    last = len(real_and_fake) - 1
+    for k, (reals, fakes, n) in enumerate(real_and_fake):
+        with ddp_disc.no_sync() if dist.world > 1 and k < last else nullcontext():
+            d_loss, log = discriminator_loss(ddp_disc(reals, fakes), factor)
+            (d_loss * n / per_rank).backward()
+        meter.add(**log)
 
 
-def save(d, out, nets, opts, counters, skipped, run_info, args, stats=None):
-    """OUT/ckpt-{step:07d}/: autoencoder.safetensors, optimizer.pt, state.pt (counters, every
-    rank's generators and skipped count), run.json, and for R latent_stats.pt (when computed)."""
-    encoder, model, disc, lpips = nets
-    check_replicas(model, d)
-    if disc is not None:
-        check_replicas(disc, d)
-    state = run_state(d, counters, skipped, seed=args.seed)
-    if not d.main:
-        return d.barrier()
-    step = counters["step"]
-
-    def write(folder):
-        save_file(autoencoder_state_dict(encoder, model, disc, lpips),
-                  str(folder / "autoencoder.safetensors"), metadata={"format": "pt"})
-        torch.save({"ae": opts[0].state_dict(),
-                    "disc": opts[1].state_dict() if opts[1] else None}, folder / "optimizer.pt")
-        torch.save(state, folder / "state.pt")
-        if stats is not None:
-            torch.save(stats, folder / "latent_stats.pt")
-        (folder / "run.json").write_text(json.dumps({**run_info, "step": step}, indent=1))
-    d.log(f"saved {save_checkpoint(out, step, write, args.keep)}")
-    d.barrier()
+def report(dist, meter, out, args, step, skipped, factor):
+    """The interval's means (every rank reduces them): one line, one log.jsonl record (rank 0)."""
+    r = meter.report(step, skipped)
+    rec = {"step": step, **{n: r[n] for n in LOGGED}, "gan": factor > 0,
+           **{k: r[k] for k in ("grad_norm", "images_per_s", "skipped", "elapsed_s")}}
+    f = lambda n, fmt=".4f": "-" if r[n] is None else format(r[n], fmt)
+    dist.record(out, f"step {step}/{args.steps} ({100 * step / args.steps:.1f}%) | L1 "
+                f"{f('rec_loss')} LPIPS {f('p_loss')} | G {f('g_loss', '.3f')} d_w "
+                f"{f('d_weight', '.3g')} D {f('disc_loss', '.3f')} (real {f('logits_real', '.2f')}"
+                f" fake {f('logits_fake', '.2f')}) GAN {'on' if factor > 0 else 'off'} | grad "
+                f"{r['grad_norm']:.3g} | {r['images_per_s']:.1f} img/s | skipped {r['skipped']} | "
+                f"eta {runs.fmt_time(r['eta_s'])}", rec)
 
 
-def resume_state(folder, opts, disc, d):
-    """Optimisers, the discriminator's running statistics and the run state of a checkpoint (the
-    weights were loaded with the models). Returns (step, position, this rank's skipped count)."""
-    opt_state = torch.load(folder / "optimizer.pt", map_location=d.device, weights_only=True)
-    opts[0].load_state_dict(opt_state["ae"])
-    if opts[1] is not None:
-        if opt_state["disc"] is None:
-            raise UsageError(f"--resume {folder}: that run had no discriminator (--disc-weight 0)")
-        opts[1].load_state_dict(opt_state["disc"])
-    state, skipped = restore_run_state(folder, d)
-    return state["step"], state["position"], skipped
+def save(dist, args, out, records, nets, opts, counters, skipped, run_info):
+    """OUT/ckpt-{step:07d}/ (plumbing.runs.write_checkpoint): autoencoder.safetensors in the
+    official layout, optimizer.pt, state.pt, run.json; for R at the last step latent_stats.pt."""
+    last_r = args.ae == "R" and counters["step"] == args.steps and args.stats_images > 0
+    stats = residual_stats(dist, args, records, nets, out / "latent_stats.pt") if last_r else None
+    for net in [m for m in (nets.trained, nets.disc) if m is not None]:
+        runs.check_replicas(net, dist)
+
+    def write_weights(folder):                  # autoencoder.safetensors, optimizer.pt: rank 0
+        if dist.main:
+            loading.write_autoencoder_checkpoint(folder, nets.encoder.encoder, nets.trained,
+                                                 nets.disc, nets.lpips, *opts)
+    runs.write_checkpoint(dist, out, args.keep, counters, skipped, run_info, write_weights, stats,
+                          seed=args.seed)
 
 
-def residual_stats(d, args, records, nets, path):
+def residual_stats(dist, args, records, nets, path):
     """Autoencoder-R's latent statistics (384 + 8 channels; the official file format) of the
-    data's bucket crops, each image encoded alone, by runs.compute_stats."""
-    encoder, model = nets[0], nets[1]
-    ae = Autoencoder(model.decoder, encoder.encoder, model.extra_vit)   # encode: no_grad
-
-    def encode_images(images):
-        return [ae.encode(im[None].to(d.device))[0].float() for im in images]
+    data's bucket crops, each image encoded alone (plumbing.runs.compute_stats), into `path`."""
+    ae = Autoencoder(nets.trained.decoder, nets.encoder.encoder, nets.trained.extra_vit)
+    encode = lambda images: [ae.encode(im[None].to(dist.device))[0].float() for im in images]
     n = min(len(records), args.stats_images)
-    d.log(f"latent statistics of autoencoder-R: {n} images into {path}")
-    compute_stats(d, records, range(n), crops_for(args.resolution), encode_images, None, 16, path)
-    return torch.load(path, weights_only=True)
+    dist.log(f"latent statistics of autoencoder-R: {n} images into {path}")
+    runs.compute_stats(dist, records, range(n), crops_for(args.resolution), encode, None, 16, path)
+    return path
 
 
 # -------------------------------------------------------------------------------------------------
@@ -672,271 +567,8 @@ def reconstruction_metrics(ae, lpips, x):
 
 
 def evaluate(args):
-    """--eval: the reconstruction metrics of --ckpt over --data, printed; recorded in the run.json
-    of a checkpoint folder of ours, under "eval" (keyed by data and limit)."""
-    d = Dist.start(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    path = source_file(args.ckpt, "--ckpt")
-    ae = load_autoencoder(path, dinov3_path=args.dinov3, device=d.device)
-    if ae.encoder is None:
-        raise UsageError(f"--ckpt {path} holds no encoder.*: pass --dinov3")
-    lpips = choose_lpips(args, read_state_dict(path), path, d.device)
-    records = open_records(args.data)
-    n = min(len(records), args.limit or len(records))
-    sums, t0 = torch.zeros(5, dtype=torch.float64), time.time()   # images, psnr, ssim, lpips, bad
-    batch = 1 if ae.residual is not None else args.eval_batch   # R's matching: per image
-    mine = list(range(d.rank, n, d.world))
-    for start in range(0, len(mine), batch):
-        images = []
-        for i in mine[start:start + batch]:
-            try:
-                images.append(eval_crop(read_image(records[i]["path"]), args.eval_resolution))
-            except Exception as e:
-                d.warn(f"warning: eval skips {records.where(i)} ({describe(e)})")
-                sums[4] += 1
-        if images:
-            p, s, lp = reconstruction_metrics(ae, lpips, torch.stack(images).to(d.device))
-            sums[:4] += torch.tensor([len(images), p.sum(), s.sum(),
-                                      lp.sum() if lp is not None else 0.0], dtype=torch.float64)
-        d.log(f"eval: {min(start + batch, len(mine))}/{len(mine)} images of rank {d.rank}",
-              end="\r")
-    sums = d.all_reduce(sums)
-    if sums[0] == 0:
-        raise UsageError(f"--eval: none of {n} images in {args.data} could be read")
-    result = {"psnr": sums[1].item() / sums[0].item(), "ssim": sums[2].item() / sums[0].item(),
-              "lpips": sums[3].item() / sums[0].item() if lpips is not None else None,
-              "images": int(sums[0]), "skipped": int(sums[4]), "resolution": args.eval_resolution,
-              "data": os.path.abspath(args.data), "limit": args.limit}
-    lp = "n/a (--perceptual-weight 0)" if lpips is None else f"{result['lpips']:.4f}"
-    d.log(f"\n{path}: PSNR {result['psnr']:.2f} dB | SSIM {result['ssim']:.4f} | LPIPS {lp} | "
-          f"{result['images']} images ({result['skipped']} unreadable) | "
-          f"{fmt_time(time.time() - t0)}")
-    if d.main:
-        record_eval(path.parent / "run.json", result)
-    return result
-
-
-def record_eval(run_json, result):
-    """Add the metrics to a checkpoint's run.json (ours only: official files have none)."""
-    if not run_json.is_file():
-        return
-    run = json.loads(run_json.read_text())
-    key = f"{result['data']}@{result['resolution']}" + (f":{result['limit']}" if result["limit"]
-                                                        else "")
-    run.setdefault("eval", {})[key] = {**result, "stage": run.get("stage"), "step": run.get("step")}
-    text = json.dumps(run, indent=1)
-    atomic_write(run_json, lambda tmp: tmp.write_text(text))
-
-
-# -------------------------------------------------------------------------------------------------
-# Progress
-
-
-class Meter:
-    """Sums of the logged terms over a log interval, reduced over ranks when reported (rank 0
-    prints one line and appends OUT/log.jsonl)."""
-
-    NAMES = ("rec_loss", "p_loss", "g_loss", "d_weight", "disc_loss", "logits_real",
-             "logits_fake")
-
-    def __init__(self, d, args, out):
-        self.d, self.args, self.out, self.t_start = d, args, out, time.time()
-        self.reset()
-
-    def reset(self):
-        self.sums = torch.zeros(2, len(self.NAMES), dtype=torch.float64)    # sums, counts
-        self.steps, self.seconds, self.grad_norm = 0, 0.0, 0.0
-
-    def add(self, log):
-        for j, name in enumerate(self.NAMES):
-            if name in log:
-                v = log[name].detach().double().flatten().cpu()
-                self.sums[0, j] += v.sum()
-                self.sums[1, j] += v.numel()
-
-    def step(self, grad_norm, seconds):
-        self.steps, self.seconds = self.steps + 1, self.seconds + seconds
-        self.grad_norm += grad_norm
-
-    def report(self, step, skipped, factor):
-        args, d = self.args, self.d
-        vec = d.all_reduce(torch.cat([self.sums.flatten(), torch.tensor([float(skipped)],
-                                                                        dtype=torch.float64)]))
-        sums = vec[:-1].view(2, -1)
-        mean = {n: (sums[0, j] / sums[1, j]).item() if sums[1, j] > 0 else None
-                for j, n in enumerate(self.NAMES)}
-        ips = self.steps * args.global_batch / self.seconds
-        eta = (args.steps - step) * self.seconds / self.steps
-        rec = {"step": step, **mean, "gan": factor > 0, "grad_norm": self.grad_norm / self.steps,
-               "images_per_s": ips, "skipped": int(vec[-1]),
-               "elapsed_s": time.time() - self.t_start}
-        f = lambda n, fmt=".4f": "-" if mean[n] is None else format(mean[n], fmt)
-        d.record(self.out, f"step {step}/{args.steps} ({100 * step / args.steps:.1f}%) | L1 "
-                 f"{f('rec_loss')} LPIPS {f('p_loss')} | G {f('g_loss', '.3f')} d_w "
-                 f"{f('d_weight', '.3g')} D {f('disc_loss', '.3f')} (real {f('logits_real', '.2f')}"
-                 f" fake {f('logits_fake', '.2f')}) GAN {'on' if factor > 0 else 'off'} | grad "
-                 f"{rec['grad_norm']:.3g} | {ips:.1f} img/s | skipped {rec['skipped']} | eta "
-                 f"{fmt_time(eta)}", rec)
-        self.reset()
-
-
-# -------------------------------------------------------------------------------------------------
-# Training
-
-
-def groups_of(items, crops, device):
-    """A micro-batch as the groups that go through the networks together: one tensor
-    [m, 3, S, S] (fixed-size stages) or one [1, 3, h_i, w_i] per image (multi-resolution)."""
-    images = [it["image"] for it in items]
-    if crops == "fixed":
-        return [torch.stack(images).to(device)]
-    return [im[None].to(device) for im in images]
-
-
-def setup(args, d):
-    """Folders, the source checkpoint (--resume, else --init-from), frozen parts, models,
-    optimisers, the run state."""
-    out = open_run(args.out, args.resume, d)
-    resume_dir = (resume_folder(args.resume, out, CHECKPOINT_FILES, d.warn) if args.resume
-                  else None)
-    source_path = (resume_dir / "autoencoder.safetensors" if resume_dir else
-                   source_file(args.init_from, "--init-from") if args.init_from else None)
-    source = read_state_dict(source_path) if source_path else {}
-    if source and not any(k.startswith("decoder.") for k in source):
-        raise UsageError(f"--init-from {source_path}: no decoder.* weights (not an SVG "
-                         "autoencoder checkpoint)")
-    encoder, lpips, dino_path = load_frozen(args, d, source, source_path)
-    dcfg, rcfg = model_configs(args, source, encoder.encoder.config.dim, resume_dir is not None)
-    model, disc = build_models(args, d, source, str(source_path), dcfg, rcfg,
-                               resume_dir is not None)
-    opts = optimizers(args, model, disc)
-    step, position, skipped = 0, 0, 0
-    if resume_dir is not None:
-        step, position, skipped = resume_state(resume_dir, opts, disc, d)
-        if d.main:      # the steps after the checkpoint will be logged again
-            truncate_log(out / "log.jsonl", step)
-    run_info = {"ae": args.ae, "stage": args.stage, "resolution": args.resolution,
-                "crops": args.crops, "sources": {"dinov3": dino_path,
-                                                 "init_from": args.init_from},
-                "decoder": dataclasses.asdict(dcfg),
-                "residual_vit": dataclasses.asdict(rcfg) if rcfg else None,
-                "discriminator": dataclasses.asdict(disc.config) if disc else None,
-                "lpips": dataclasses.asdict(lpips.config) if lpips else None,
-                "args": {k: (str(v) if isinstance(v, torch.device) else v)
-                         for k, v in vars(args).items()}}
-    return out, (encoder, model, disc, lpips), opts, (step, position, skipped), run_info
-
-
-def train(args):
-    # Setup distributed
-    d = Dist.start(args.device)
-    args.device = d.device
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    local, accum = batch_plan(args, d)
-
-    # Frozen parts, models, optimisers, the run state (resumed, or started from --init-from)
-    records = open_records(args.data)
-    out, nets, opts, (step, position, skipped), run_info = setup(args, d)
-    encoder, model, disc, lpips = nets
-    ddp_model = wrap_ddp(model, d)
-    critic = wrap_ddp(Critic(disc), d) if disc is not None else None
-    last_layer = model.decoder.conv_out.weight
-    count = lambda m: f"{sum(p.numel() for p in m.parameters()):,} parameters"
-    d.log(f"autoencoder-{args.ae}: {count(model)} trained ({model.decoder.config.z_channels} "
-          f"latent channels); discriminator: {'none' if disc is None else count(disc)}; LPIPS: "
-          f"{'none' if lpips is None else 'on'}")
-    d.log(f"stage {args.stage}: {args.resolution}px {args.crops}, {args.steps} steps, global batch "
-          f"{args.global_batch} = {d.world} ranks x {accum} x micro {args.micro_batch}, lr "
-          f"{args.lr}, GAN from iteration {args.disc_start}, {len(records)} images")
-
-    # Data: this rank's slice of the global positions still to come
-    dataset = ImageSet(records, args.crops, args.resolution, args.seed)
-    batches = data_stream(args, d, dataset, position, max(0, args.steps - step))
-
-    # Loop
-    meter, warned = Meter(d, args, out), (set(), set())
-    with stop_on_signals() as stop:
-        while step < args.steps:
-            t0 = time.time()
-            factor = gan_factor(step, args.disc_start)       # `step` = this iteration's index
-            micro = [next(batches) for _ in range(accum)]
-            skipped += warn_skipped([it for items in micro for it in items], records, warned, d)
-            kept = autoencoder_step(micro, nets, ddp_model, opts[0], factor, last_layer, local,
-                                    args, d, meter)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                       args.grad_clip or math.inf)
-            opts[0].step()
-            if critic is not None:
-                discriminator_step(kept, critic, opts[1], factor, local, d, meter)
-            step += 1
-            position += args.global_batch
-            meter.step(float(grad_norm), time.time() - t0)
-
-            # Log, save, stop
-            reason = stop()
-            stopping = d.all_sum(int(reason is not None)) > 0
-            if step % args.log_every == 0 or step == args.steps or stopping:
-                meter.report(step, skipped, factor)
-            if step % args.save_every == 0 or step == args.steps or stopping:
-                stats = None
-                if args.ae == "R" and step == args.steps and args.stats_images > 0:
-                    stats = residual_stats(d, args, records, nets, out / "latent_stats.pt")
-                save(d, out, nets, opts, {"step": step, "position": position}, skipped,
-                     run_info, args, stats)
-            if stopping:
-                d.log(f"stopped by {reason or 'another rank'} at step {step}: continue with "
-                      "--resume")
-                break
-    if step >= args.steps:
-        d.log(f"done: step {step}/{args.steps} ({fmt_time(time.time() - meter.t_start)} in this "
-              f"process); checkpoints in {out}")
-    return out
-
-
-def autoencoder_step(micro, nets, ddp_model, opt, factor, last_layer, local, args, d, meter):
-    """The decoder's (and ViT's) gradient of one step, accumulated over the micro-batches (DDP
-    all-reduces at the last); returns each micro-batch's (images, detached reconstructions) for
-    the discriminator's step."""
-    encoder, model, disc, lpips = nets
-    opt.zero_grad(set_to_none=True)
-    if disc is not None:
-        disc.requires_grad_(False)           # D takes no gradient in this pass (module docstring)
-    kept = []
-    for k, items in enumerate(micro):
-        reals = groups_of(items, args.crops, d.device)
-        with torch.no_grad():
-            feats = [encoder.encode(x) for x in reals]
-            pixels = [encoder.pixels(x) if args.ae == "R" else None for x in reals]
-        last = k == len(micro) - 1
-        sync = ddp_model.no_sync() if d.world > 1 and not last else contextlib.nullcontext()
-        with sync:
-            recons = ddp_model(feats, pixels)
-            logits = None
-            if disc is not None:
-                with torch.set_grad_enabled(factor > 0):
-                    logits = [disc(r) for r in recons]
-            total, log = generator_loss(reals, recons, logits, lpips, factor, last_layer, args)
-            (total * len(items) / local).backward()
-        meter.add(log)
-        kept.append((reals, [r.detach() for r in recons], len(items)))
-    if disc is not None:
-        disc.requires_grad_(True)
-    return kept
-
-
-def discriminator_step(kept, critic, opt, factor, local, d, meter):
-    """One Adam step of the discriminator on the kept images and pre-update reconstructions."""
-    opt.zero_grad(set_to_none=True)
-    for k, (reals, fakes, n) in enumerate(kept):
-        last = k == len(kept) - 1
-        sync = critic.no_sync() if d.world > 1 and not last else contextlib.nullcontext()
-        with sync:
-            d_loss, log = discriminator_loss(critic(reals, fakes), factor)
-            (d_loss * n / local).backward()
-        meter.add(log)
-    opt.step()
+    """--eval: reconstruction_metrics of --ckpt over --data (the loop: plumbing.runs)."""
+    return runs.evaluate_autoencoder(args, reconstruction_metrics)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -945,120 +577,73 @@ def discriminator_step(kept, critic, opt, factor, local, d, meter):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train the SVG autoencoder's decoder (P) or decoder + "
-                                            "residual ViT (R); --eval: reconstruction metrics.",
-                                formatter_class=HelpFormatter)
+                                "residual ViT (R); --eval: reconstruction metrics.",
+                                formatter_class=cli.HelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--ae", choices=["P", "R"], default="P",
                    help="P: the decoder on DINOv3's 384 channels; R: + the residual ViT's 8")
     g.add_argument("--stage", type=int, default=1,
                    help="1-3: a Table 3 preset (resolution, data handling, steps, batch)")
-    g.add_argument("--data", default=None,
-                   help="a folder of images (searched recursively) or a .jsonl of {\"path\"}")
-    g.add_argument("--out", default=None, help="output folder: checkpoints and logs")
-    g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
+    g.add_argument("--data",
+                   help='a folder of images (searched recursively) or a .jsonl of {"path"}')
+    g.add_argument("--out", help="output folder: checkpoints and logs")
+    g.add_argument("--resume", nargs="?", const="latest", metavar="DIR",
                    help="continue exactly: from OUT's latest checkpoint, or the given folder")
-    g.add_argument("--init-from", default=None, metavar="PATH",
+    g.add_argument("--init-from", metavar="PATH",
                    help="start from a previous stage (run or checkpoint folder) or an official "
                         "svg_autoencoder-*.ckpt: its decoder (and ViT), discriminator, LPIPS and "
                         "DINOv3 where it has them")
     g.add_argument("--seed", type=int, default=0, help="init, data order and crops")
     g = p.add_argument_group("stage preset overrides")
-    g.add_argument("--resolution", type=int, default=None, help="anchor resolution (px)")
-    g.add_argument("--crops", choices=["fixed", "buckets"], default=None,
-                   help="fixed: smallest side resized + random square crop, batched; buckets: "
-                        "aspect buckets, one image per forward")
-    g.add_argument("--steps", type=int, default=None, help="iterations of this stage")
-    g.add_argument("--global-batch", type=int, default=None,
-                   help="images per iteration, all ranks together")
+    g.add_argument("--resolution", type=int, help="anchor resolution (px)")
+    g.add_argument("--crops", choices=["fixed", "buckets"], help="fixed: smallest side resized + "
+                   "random square crop, batched; buckets: aspect buckets, one image per forward")
+    g.add_argument("--steps", type=int, help="iterations of this stage")
+    g.add_argument("--global-batch", type=int, help="images per iteration, all ranks together")
     g = p.add_argument_group("recipe")
-    g.add_argument("--micro-batch", type=int, default=None,
+    g.add_argument("--micro-batch", type=int,
                    help="images per forward pass per rank (default: the whole local batch)")
-    g.add_argument("--lr", type=float, default=None, help="Adam lr of both optimisers (1e-4)")
-    g.add_argument("--perceptual-weight", type=float, default=None,
+    g.add_argument("--lr", type=float, help="Adam lr of both optimisers (1e-4)")
+    g.add_argument("--perceptual-weight", type=float,
                    help="LPIPS weight w_p (1.0); 0: no LPIPS (no VGG files needed)")
-    g.add_argument("--disc-weight", type=float, default=None,
+    g.add_argument("--disc-weight", type=float,
                    help="times the adaptive weight (0.5); 0: no GAN and no discriminator")
-    g.add_argument("--disc-start", type=int, default=None,
-                   help="iteration (0-based) at which the GAN term starts (2500 = the official "
-                        "disc_start: 5000 in Lightning steps)")
+    g.add_argument("--disc-start", type=int, help="iteration (0-based) at which the GAN term "
+                   "starts (2500 = the official disc_start: 5000 in Lightning steps)")
     g.add_argument("--grad-clip", type=float, default=0.0,
                    help="max gradient norm of the autoencoder (0: none, as upstream)")
-    g.add_argument("--decoder-config", default=None,
-                   help="JSON object of DecoderConfig overrides, e.g. '{\"ch\": 64}' (z_channels "
-                        "follows the encoders)")
-    g.add_argument("--residual-config", default=None,
-                   help="--ae R: JSON object of ResidualViTConfig overrides")
+    g.add_argument("--decoder-config", help="JSON object of DecoderConfig overrides, e.g. "
+                   "'{\"ch\": 64}' (z_channels follows the encoders)")
+    g.add_argument("--residual-config", help="--ae R: JSON object of ResidualViTConfig overrides")
     g = p.add_argument_group("frozen parts")
-    g.add_argument("--dinov3", default=None,
-                   help="DINOv3 ViT-S/16+ weights (default: the --init-from/--resume "
-                        "checkpoint's encoder.*)")
-    g.add_argument("--vgg", default=None, help=f"LPIPS trunk: torchvision's {VGG_FILE}")
-    g.add_argument("--lpips", default=None, help=f"LPIPS linear layers: lpips' {LIN_FILE}")
-    g.add_argument("--stats-images", type=int, default=None,
-                   help="--ae R: images for the latent statistics written with the last "
-                        "checkpoint (10000; 0: none)")
+    g.add_argument("--dinov3", help="DINOv3 ViT-S/16+ weights (default: the --init-from/--resume "
+                   "checkpoint's encoder.*)")
+    g.add_argument("--vgg", help=f"LPIPS trunk: torchvision's {loading.VGG_FILE}")
+    g.add_argument("--lpips", help=f"LPIPS linear layers: lpips' {loading.LIN_FILE}")
+    g.add_argument("--stats-images", type=int, help="--ae R: images for the latent statistics "
+                   "written with the last checkpoint (10000; 0: none)")
     g = p.add_argument_group("reconstruction metrics")
-    g.add_argument("--eval", action="store_true",
-                   help="print PSNR, SSIM and LPIPS of --ckpt on --data (resize 256, centre "
-                        "crop 256, quantised reconstructions)")
-    g.add_argument("--ckpt", default=None, help="--eval: a run or checkpoint folder, or a file")
-    g.add_argument("--limit", type=int, default=None, help="--eval: the first N images only")
+    g.add_argument("--eval", action="store_true", help="print PSNR, SSIM and LPIPS of --ckpt on "
+                   "--data (resize 256, centre crop 256, quantised reconstructions)")
+    g.add_argument("--ckpt", help="--eval: a run or checkpoint folder, or a file")
+    g.add_argument("--limit", type=int, help="--eval: the first N images only")
     g.add_argument("--eval-resolution", type=int, default=256, help="--eval: the crop size")
     g.add_argument("--eval-batch", type=int, default=16, help="--eval: images per forward")
-    add_system_args(p)
+    cli.add_system_args(p)
     return p.parse_args(argv)
 
 
-def json_object(text, what):
-    if text is None:
-        return {}
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError:
-        obj = None
-    if not isinstance(obj, dict):
-        raise UsageError(f"--{what}: a JSON object of fields, e.g. '{{\"ch\": 64}}'")
-    return obj
-
-
 def finish_args(args):
-    """Fill the stage preset, check the values, make paths absolute."""
-    if args.eval:
-        if not args.data or not args.ckpt:
-            raise UsageError("--eval needs --data (a folder or .jsonl of images) and --ckpt")
-    elif not args.data or not args.out:
-        raise UsageError("--data (a folder of images or a .jsonl) and --out DIR are required")
-    if args.stage not in STAGES:
-        raise UsageError(f"--stage {args.stage}: choose 1, 2 or 3 (Table 3)")
-    for k, v in dict(STAGES[args.stage], **RECIPE).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if args.resolution < 16 or args.resolution % 16:
-        raise UsageError(f"--resolution {args.resolution}: use a multiple of 16 (256, 512, 1024)")
-    for name in ("steps", "global_batch", "save_every", "log_every"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive")
-    for name in ("perceptual_weight", "disc_weight", "disc_start", "stats_images", "lr"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must not be negative")
-    if args.limit is not None and args.limit < 1:
-        raise UsageError("--limit must be positive")
-    args.decoder_config = json_object(args.decoder_config, "decoder-config")
-    args.residual_config = json_object(args.residual_config, "residual-config")
-    for cls, over, what in ((DecoderConfig, args.decoder_config, "decoder-config"),
-                            (ResidualViTConfig, args.residual_config, "residual-config")):
-        allowed = {f.name for f in dataclasses.fields(cls)} - {"z_channels"}
-        bad = sorted(set(over) - allowed)
-        if bad:
-            raise UsageError(f"--{what}: unknown or fixed {cls.__name__} fields {bad}")
-    return absolute_paths(args, ("data", "out", "init_from", "dinov3", "vgg", "lpips", "ckpt"))
+    """The stage's preset and the recipe fill the flags left unset; then plumbing's checks."""
+    return cli.check_autoencoder_args(args, STAGES, RECIPE)
 
 
 def main(argv=None):
+    """The command line (toy.py calls it with its own argument list): train, or --eval."""
     args = parse_args(argv)
-    with command_line("train_autoencoder.py"):
+    with cli.command_line("train_autoencoder.py"):
         args = finish_args(args)
-        evaluate(args) if args.eval else train(args)
+        return evaluate(args) if args.eval else train(args)
 
 
 if __name__ == "__main__":

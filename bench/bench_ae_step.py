@@ -22,7 +22,7 @@ import train_autoencoder as T  # noqa: E402
 from bench_decode_memory import PeakPoller, rss_anon_bytes  # noqa: E402
 from decoder import Decoder, DecoderConfig  # noqa: E402
 from dinov3 import DINOv3, DINOv3Config  # noqa: E402
-from runs import Dist  # noqa: E402
+from plumbing.runs import Dist, Meter  # noqa: E402
 from svgt2i import Autoencoder  # noqa: E402
 
 
@@ -39,23 +39,27 @@ def main():
     device = torch.device(a.device)
     args = T.finish_args(T.parse_args(["--data", "-", "--out", "-", "--resolution", str(a.size),
                                        "--global-batch", str(a.batch), "--disc-start", "0"]))
-    d = Dist(device=device)
+    dist = Dist(device=device)
     torch.manual_seed(0)
     with torch.device(device):
         encoder = Autoencoder(None, DINOv3(DINOv3Config.vits16plus()).requires_grad_(False)).eval()
-        model = T.Trainable(Decoder(DecoderConfig.autoencoder_p()))
+        model = T.TrainedAutoencoder(Decoder(DecoderConfig.autoencoder_p()))
         disc = T.NLayerDiscriminator(T.DiscriminatorConfig()).reset_parameters()
         lpips = T.LPIPS(T.LPIPSConfig()).eval()
-    nets = (encoder, model, disc, lpips)
-    opts = T.optimizers(args, model, disc)
-    meter = T.Meter(d, args, None)
+    nets = T.Networks(encoder, model, disc, lpips)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=T.ADAM_BETAS)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=T.ADAM_BETAS)
+    meter = Meter(dist, T.LOGGED, args.steps, args.global_batch)
     items = [{"image": torch.rand(3, a.size, a.size) * 2 - 1} for _ in range(a.batch)]
 
-    def step():
-        kept = T.autoencoder_step([items], nets, model, opts[0], 1.0, model.decoder.conv_out.weight,
-                                  a.batch, args, d, meter)
-        opts[0].step()
-        T.discriminator_step(kept, T.Critic(disc), opts[1], 1.0, a.batch, d, meter)
+    def step():         # train_autoencoder.train's iteration, on one micro-batch
+        opt.zero_grad(set_to_none=True)
+        real_and_fake = T.autoencoder_backward([items], nets, model, 1.0, a.batch, args, dist, meter)
+        opt.step()
+        opt_d.zero_grad(set_to_none=True)
+        T.discriminator_backward(real_and_fake, T.RealFakeDiscriminator(disc), 1.0, a.batch, dist,
+                                 meter)
+        opt_d.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
 

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from decoder import Decoder, DecoderConfig  # noqa: E402
-from svgt2i import load_decoder  # noqa: E402
+from plumbing.loading import load_decoder
 
 
 def rss_anon_bytes():

@@ -48,7 +48,7 @@ from gemma2 import Gemma2, Gemma2Config  # noqa: E402
 from nextdit import NextDiT, NextDiTConfig  # noqa: E402
 from svgt2i import (SVGT2I, Autoencoder, Guidance, LatentStats, TextEncoder,  # noqa: E402
                     euler_sample, flow_matching_loss, guided_velocity)
-from runs import peak_flops  # noqa: E402
+from plumbing.runs import peak_flops
 from train import ADAM_BETAS, ADAM_EPS, train_flops, update_ema  # noqa: E402
 
 GIB = 2 ** 30

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nextdit import NextDiT, NextDiTConfig  # noqa: E402
-from svgt2i import load_nextdit  # noqa: E402
+from plumbing.loading import load_nextdit
 
 CONSOLIDATED = "consolidated.00-of-01.pth"
 GB = 1e9

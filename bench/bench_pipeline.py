@@ -45,7 +45,8 @@ def write_autoencoder(path, seed=0):
 def write_gemma(folder, seed=0, shard_bytes=4e9):
     """Gemma-2-2B in the Hub layout: config.json, model-0000k-of-0000n.safetensors (fp32), the index."""
     from safetensors.torch import save_file
-    from gemma2 import Gemma2, Gemma2Config, gemma2_hub_config, train_tokenizer
+    from gemma2 import Gemma2, Gemma2Config
+    from plumbing.tiny import gemma2_hub_config, train_tokenizer
     folder.mkdir(parents=True, exist_ok=True)
     cfg = Gemma2Config.gemma2_2b()
     with torch.device("meta"):

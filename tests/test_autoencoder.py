@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from dinov3 import IMAGENET_MEAN, IMAGENET_STD
-from svgt2i import (images_to_tensor, load_autoencoder, load_decoder, load_dinov3, match_distribution,
-                    tensor_to_images)
+from plumbing.loading import load_autoencoder, load_decoder, load_dinov3
+from svgt2i import images_to_tensor, match_distribution, tensor_to_images
 from tiny_autoencoder import write_lightning_ckpt
 from tiny_dinov3 import write_official_pth
 

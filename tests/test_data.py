@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from plumbing import files
 import data
 import svgt2i
 
@@ -94,20 +95,20 @@ def test_data_stream_is_independent_of_world_size():
 def test_to_rgb_scales_deep_grey_images_by_their_range(make, expected):
     im = make()
     assert im.mode in ("I;16", "I", "F")
-    out = data.to_rgb(im)
+    out = files.to_rgb(im)
     assert out.mode == "RGB" and [out.getpixel((x, 0)) for x in range(3)] == [(v, v, v) for v in expected]
 
 
 def test_sampling_reads_an_image_file_as_training_does(tmp_path):
-    """sample.py's init images and --reconstruct (svgt2i.read_image) and the trainers (data.read_image) read a
+    """sample.py's init images and --reconstruct (files.read_image) and the trainers (files.read_image) read a
     16-bit grey scan and a transparent image the same, by to_rgb."""
     deep, clear = tmp_path / "deep.png", tmp_path / "clear.png"
     Image.fromarray(np.array([[0, 65535, 32768]], dtype=np.uint16)).save(deep)
     Image.new("RGBA", (2, 1), (200, 10, 10, 0)).save(clear)
     for f, expected in ((deep, [(0, 0, 0), (255, 255, 255), (128, 128, 128)]), (clear, [(255, 255, 255)] * 2)):
-        a, b = svgt2i.read_image(str(f)), data.read_image(str(f))
+        a, b = files.read_image(str(f)), files.read_image(str(f))
         assert [a.getpixel((x, 0)) for x in range(a.width)] == expected == [b.getpixel((x, 0)) for x in range(b.width)]
-    assert svgt2i.read_image(str(clear), "L").mode == "L"             # masks keep PIL's conversion
+    assert files.read_image(str(clear), "L").mode == "L"             # masks keep PIL's conversion
 
 
 def test_pil_alone_clips_deep_grey_images():      # why to_rgb scales them itself
@@ -117,17 +118,17 @@ def test_pil_alone_clips_deep_grey_images():      # why to_rgb scales them itsel
 
 def test_to_rgb_composites_transparency_on_white_and_converts_the_rest():
     cmyk = Image.new("CMYK", (1, 1), (255, 0, 0, 0))                      # pure cyan ink
-    assert data.to_rgb(cmyk).getpixel((0, 0)) == (0, 255, 255)
+    assert files.to_rgb(cmyk).getpixel((0, 0)) == (0, 255, 255)
     rgba = Image.new("RGBA", (2, 1), (200, 10, 10, 255))
     rgba.putpixel((1, 0), (200, 10, 10, 0))
-    assert [data.to_rgb(rgba).getpixel((x, 0)) for x in range(2)] == [(200, 10, 10), (255, 255, 255)]
+    assert [files.to_rgb(rgba).getpixel((x, 0)) for x in range(2)] == [(200, 10, 10), (255, 255, 255)]
     la = Image.new("LA", (1, 1), (30, 0))
-    assert data.to_rgb(la).getpixel((0, 0)) == (255, 255, 255)
+    assert files.to_rgb(la).getpixel((0, 0)) == (255, 255, 255)
     p = Image.new("P", (1, 1), 0)
     p.info["transparency"] = 0
-    assert data.to_rgb(p).getpixel((0, 0)) == (255, 255, 255)
-    assert data.to_rgb(Image.new("L", (1, 1), 77)).getpixel((0, 0)) == (77, 77, 77)
-    assert data.to_rgb(Image.new("1", (1, 1), 1)).getpixel((0, 0)) == (255, 255, 255)
+    assert files.to_rgb(p).getpixel((0, 0)) == (255, 255, 255)
+    assert files.to_rgb(Image.new("L", (1, 1), 77)).getpixel((0, 0)) == (77, 77, 77)
+    assert files.to_rgb(Image.new("1", (1, 1), 1)).getpixel((0, 0)) == (255, 255, 255)
 
 
 def test_fixed_crop_resizes_the_smaller_side_and_crops_at_a_drawn_offset():
@@ -171,4 +172,4 @@ def test_image_folder_is_recursive_sorted_and_skips_other_files(tmp_path):
     with pytest.raises(ValueError, match="no image files"):
         data.ImageFolder(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="3 records in a row"):                 # nothing readable: an error
-        data.first_readable(f, 0, lambda i: data.read_image(f[i]["path"]), tries=3)
+        data.first_readable(f, 0, lambda i: files.read_image(f[i]["path"]), tries=3)

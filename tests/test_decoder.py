@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from decoder import Decoder, DecoderConfig, ResidualViT, ResidualViTConfig, apply_rope, patch_coordinates, rope_angles
-from svgt2i import decoder_from_state_dict, load_decoder, read_state_dict, residual_vit_from_state_dict
+from plumbing.files import read_state_dict
+from plumbing.loading import decoder_from_state_dict, load_decoder, residual_vit_from_state_dict
 from tiny_autoencoder import write_lightning_ckpt
 
 # -----------------------------------------------------------------------------------------------------------

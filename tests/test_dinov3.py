@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 import tiny_dinov3 as tiny
 from dinov3 import IMAGENET_MEAN, IMAGENET_STD, DINOv3, DINOv3Config, rope_rotate
-from svgt2i import dinov3_from_state_dict, load_dinov3
+from plumbing.loading import dinov3_from_state_dict, load_dinov3
 
 SIZES = [(64, 64), (48, 80), (96, 32)]  # square, wide, tall: 16, 15 and 12 patches
 

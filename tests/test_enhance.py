@@ -18,8 +18,10 @@ import sample
 import svgt2i
 import toy
 from gemma2 import Gemma2, Gemma2Config, Gemma2Tokenizer, KVCache
-from svgt2i import (ENHANCE_SYSTEM_PROMPT, SVGT2I, SYSTEM_PROMPTS, enhance_instruction,
-                    enhance_prompt, load_gemma2, postprocess_enhanced)
+from plumbing import enhancer
+from plumbing.enhancer import (ENHANCE_SYSTEM_PROMPT, enhance_instruction, enhance_prompt, postprocess_enhanced)
+from plumbing.loading import load_gemma2
+from svgt2i import SVGT2I, SYSTEM_PROMPTS
 from tiny_gemma2 import caption_corpus, write_tiny_gemma_folder
 
 transformers.logging.set_verbosity_error()
@@ -436,7 +438,7 @@ def test_pipeline_enhance_prompt(folders, tokenizers):
 def test_cli_enhance_prints_conditions_and_records(folders, tmp_path, capsys, monkeypatch):
     """sample.py --enhance: the rewrite is printed, stored next to the original, and the image is
     the one conditioned on the "align" system prompt + the rewrite (12 new tokens, for time)."""
-    monkeypatch.setattr(svgt2i, "ENHANCE_MAX_NEW_TOKENS", 12)
+    monkeypatch.setattr(enhancer, "ENHANCE_MAX_NEW_TOKENS", 12)
     text, out = "two red circles on the left", str(tmp_path / "e.png")
     sample.main(["--toy", "--gemma", folders["w4"], "--enhance", "--prompt", text, "--steps", "3",
                  "--seed", "4", "--device", "cpu", "--out", out])

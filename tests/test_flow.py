@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from svgt2i import (Guidance, StatsAccumulator, dpm_sigmas, dpm_solver_sample, euler_sample,
-                    euler_times, guided_velocity, interpolate, load_latent_stats, sample_training_t, time_shift,
-                    training_shift, velocity_target)
+from plumbing.runs import StatsAccumulator
+from plumbing.loading import load_latent_stats
+from svgt2i import (Guidance, dpm_sigmas, dpm_solver_sample, euler_sample, euler_times, guided_velocity, interpolate, sample_training_t, time_shift, training_shift, velocity_target)
 
 # -----------------------------------------------------------------------------------------------------------
 # An analytic flow: data ~ N(mu, s^2) per coordinate, noise ~ N(0, 1). Along x_t = t x1 + (1 - t) x0 the

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import gemma2
 from gemma2 import Gemma2, Gemma2Config, Gemma2Tokenizer
-from svgt2i import load_gemma2
+from plumbing.loading import load_gemma2
 from tiny_gemma2 import caption_corpus, hf_tokenizer, train_tiny_tokenizer, write_tiny_gemma_folder
 
 transformers.logging.set_verbosity_error()

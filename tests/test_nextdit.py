@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import nextdit
 from nextdit import NextDiT, NextDiTConfig, TimestepEmbedder, apply_rope, position_ids, rope_cos_sin
-from svgt2i import load_nextdit, nextdit_from_state_dict
+from plumbing.loading import load_nextdit, nextdit_from_state_dict
 from tiny_nextdit import (CONSOLIDATED, CONSOLIDATED_EMA, official_keys_and_shapes, official_state_dict,
                           write_official_consolidated)
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-import sample
 from nextdit import NextDiTConfig
-from svgt2i import SVGT2I, find_weights
+from plumbing import UsageError, jobs
+from plumbing.release import find_weights
+from svgt2i import SVGT2I
 from tiny_autoencoder import write_lightning_ckpt
 from tiny_dinov3 import write_official_pth
 from tiny_gemma2 import write_tiny_gemma_folder
@@ -138,12 +139,12 @@ def test_geneval_layout(release, tmp_path):
 
 def test_read_prompts(tmp_path):
     (tmp_path / "p.txt").write_text("a cat\n\n  a dog  \n")
-    assert sample.read_prompts(str(tmp_path / "p.txt"))[0] == ["a cat", "a dog"]
+    assert jobs.read_prompts(str(tmp_path / "p.txt"))[0] == ["a cat", "a dog"]
     (tmp_path / "p.jsonl").write_text('{"caption": "x"}\n{"prompt": "y", "caption": "z"}\n')
-    assert sample.read_prompts(str(tmp_path / "p.jsonl"))[0] == ["x", "y"]
+    assert jobs.read_prompts(str(tmp_path / "p.jsonl"))[0] == ["x", "y"]
     (tmp_path / "q.jsonl").write_text('{"image": 1}\n')
-    with pytest.raises(sample.UsageError, match="no prompt field"):
-        sample.read_prompts(str(tmp_path / "q.jsonl"))
+    with pytest.raises(UsageError, match="no prompt field"):
+        jobs.read_prompts(str(tmp_path / "q.jsonl"))
 
 
 def test_find_weights_run_folder_and_ambiguity(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import runs
+from plumbing import UsageError, jobs, loading, runs
 import sample
 import svgt2i
 from test_sample import release  # noqa: F401 (fixture: a tiny release in the official layout)
@@ -27,7 +27,7 @@ def no_loading(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("weights were loaded before the input was checked")
     monkeypatch.setattr(svgt2i.SVGT2I, "from_pretrained", classmethod(refuse))
-    monkeypatch.setattr(svgt2i, "load_autoencoder", refuse)
+    monkeypatch.setattr(loading, "load_autoencoder", refuse)
 
 
 def error_line(argv, capsys):
@@ -95,14 +95,14 @@ def test_an_existing_folder_as_out_and_a_literal_system_prompt(release, tmp_path
 
 def test_prompt_files_of_every_kind(tmp_path, capsys):
     (tmp_path / "P.JSONL").write_text('{"prompt": "a cat"}\n{"caption": "a dog"}\n')
-    assert sample.read_prompts(str(tmp_path / "P.JSONL"))[0] == ["a cat", "a dog"]
+    assert jobs.read_prompts(str(tmp_path / "P.JSONL"))[0] == ["a cat", "a dog"]
     (tmp_path / "p.json").write_text(json.dumps(["one", {"text": "two"}]))
-    assert sample.read_prompts(str(tmp_path / "p.json"))[0] == ["one", "two"]
+    assert jobs.read_prompts(str(tmp_path / "p.json"))[0] == ["one", "two"]
     (tmp_path / "bom.txt").write_bytes("\ufeffa red cube\nblue\n".encode("utf-8"))
-    assert sample.read_prompts(str(tmp_path / "bom.txt"))[0] == ["a red cube", "blue"]
+    assert jobs.read_prompts(str(tmp_path / "bom.txt"))[0] == ["a red cube", "blue"]
     (tmp_path / "latin1.txt").write_bytes("fine\ncaf\xe9 au lait\n".encode("latin-1"))
-    with pytest.raises(sample.UsageError, match=r"latin1.txt:2:4: not UTF-8 text \(byte 0xe9\)"):
-        sample.read_prompts(str(tmp_path / "latin1.txt"))
+    with pytest.raises(UsageError, match=r"latin1.txt:2:4: not UTF-8 text \(byte 0xe9\)"):
+        jobs.read_prompts(str(tmp_path / "latin1.txt"))
 
 
 def test_damaged_files_are_named(release, tmp_path, capsys):
@@ -147,19 +147,19 @@ def test_an_interrupted_run_is_completed_by_the_same_command(release, tmp_path, 
     base = ["--ckpt", release["ckpt"], "--gemma", release["gemma"], "--prompt", "a red cube", "--prompt",
             "a blue ball", "--n", "2", "--h", "32", "--steps", "2", "--seed", "3"]
     sample.main(base + ["--outdir", str(tmp_path / "whole")])
-    saves, real = [], sample.save_png
+    saves, real = [], jobs.save_png
 
     def dies_after_three(image, path, meta):           # Ctrl-C while the fourth image is written
         if len(saves) == 3:
             raise KeyboardInterrupt
         saves.append(path)
         real(image, path, meta)
-    monkeypatch.setattr(sample, "save_png", dies_after_three)
+    monkeypatch.setattr(jobs, "save_png", dies_after_three)
     with pytest.raises(SystemExit) as e:
         sample.main(base + ["--outdir", str(tmp_path / "cut")])
     assert e.value.code == 130 and "the same command draws the rest" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path / "cut")) == ["00000.png", "00001.png", "00002.png"]   # no partial file
-    monkeypatch.setattr(sample, "save_png", real)
+    monkeypatch.setattr(jobs, "save_png", real)
     sample.main(base + ["--outdir", str(tmp_path / "cut")])
     assert "3 of 4 images already drawn: skipped" in capsys.readouterr().err
     for name in os.listdir(tmp_path / "whole"):
@@ -232,11 +232,11 @@ def test_help_is_instant_and_says_each_default_once():
                         ("--cfg-trunc", s.cfg_trunc), ("--solver", s.solver), ("--system-prompt", s.system_prompt)):
         section = text.split("what to draw:", 1)[1].split(flag + " ", 1)[1][:300]    # past the usage
         assert f"default {value}" in section, (flag, section)
-    assert sample.SYSTEM_PROMPT_NAMES == tuple(svgt2i.SYSTEM_PROMPTS)
+    assert jobs.SYSTEM_PROMPT_NAMES == tuple(svgt2i.SYSTEM_PROMPTS)
 
 
 def test_tokenizers_record_no_path(tmp_path):
-    from gemma2 import train_tokenizer
+    from plumbing.tiny import train_tokenizer
     model = train_tokenizer(["two red circles on the left"] * 20, str(tmp_path / "tok"), vocab_size=300)
     assert str(tmp_path).encode() not in Path(model).read_bytes() and not (tmp_path / "tok.vocab").exists()
     bundled = (ROOT / "assets" / "toy" / "text_encoder" / "tokenizer.model").read_bytes()

@@ -17,11 +17,12 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import nextdit
-import runs
+from plumbing import runs
 import sample
 import train
 from nextdit import NextDiT, NextDiTConfig
-from svgt2i import Guidance, guided_velocity, load_decoder, load_latent_stats
+from plumbing.loading import load_decoder, load_latent_stats
+from svgt2i import Guidance, guided_velocity
 from test_nextdit import TINY, captions, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

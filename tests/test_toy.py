@@ -1,4 +1,5 @@
-"""The shapes world: determinism, captions, layouts, and the analyser's accuracy (GenEval in miniature)."""
+"""The shapes world: determinism, captions, layouts, the analyser's accuracy (GenEval in miniature), and toy.py's
+command line."""
 
 import numpy as np
 import pytest
@@ -183,3 +184,22 @@ def test_analyser_ignores_specks_and_blank_images():
     for x in range(10, 120, 20):
         draw.rectangle([x, 10, x + 3, 13], fill=(220, 30, 30))  # 16-pixel specks, under AREA_MIN
     assert toy.analyse(blank).count == 0
+
+
+def test_command_line_keeps_its_flags_and_imports_no_torch():
+    """`python toy.py --check` / `--grid PNG` as before, `python toy.py train` with the former `train.py --toy`
+    defaults; importing toy.py (sample.py --score does) loads neither torch nor a trainer."""
+    import os
+    import subprocess
+    import sys
+    code = "import sys, toy; print(sorted(m for m in ('torch', 'train', 'train_autoencoder') if m in sys.modules))"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
+    a = toy.parse_args(["--check", "--n", "10"])
+    assert (a.command, a.check, a.n, a.grid) == (None, True, 10, None)
+    assert toy.parse_args(["--grid", "x.png"]).grid == "x.png"
+    t = toy.parse_args(["train"])
+    assert (t.out, t.images, t.decoder_steps, t.bundle, t.resume, t.seed, t.threads) == \
+        ("runs/toy", 6000, 2000, None, False, 0, None)
+    assert (t.steps, t.global_batch, t.lr, t.ema_decay) == (None, None, None, None)   # train.py's toy recipe

@@ -1,4 +1,4 @@
-"""The toy SVG-T2I: a short run of `train.py --toy` end to end, and the bundled model (assets/toy), which must follow
+"""The toy SVG-T2I: a short run of `toy.py train` end to end, and the bundled model (assets/toy), which must follow
 its prompts (scored by toy.py's analyser) and must need its guidance to do so."""
 
 import json
@@ -9,9 +9,9 @@ import sys
 import torch
 from PIL import Image
 
+from plumbing import jobs
 import sample
 import toy
-import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE = os.path.join(ROOT, "assets", "toy")
@@ -19,14 +19,14 @@ BUNDLE = os.path.join(ROOT, "assets", "toy")
 
 def test_short_toy_training_writes_a_bundle_that_samples(tmp_path):
     bundle = tmp_path / "bundle"
-    train.main(["--toy", "--out", str(tmp_path / "run"), "--toy-images", "96", "--toy-decoder-steps", "3",
-                "--steps", "4", "--global-batch", "16", "--bundle", str(bundle)])
+    toy.main(["train", "--out", str(tmp_path / "run"), "--images", "96", "--decoder-steps", "3",
+              "--steps", "4", "--global-batch", "16", "--bundle", str(bundle)])
     assert sorted(os.listdir(bundle)) == ["autoencoder.safetensors", "ema.safetensors", "latent_stats.pt", "run.json",
                                           "text_encoder"]
     args = sample.parse_args(["--ckpt", str(bundle), "--score", "6", "--steps", "3"])
-    h, w = sample.resolve_settings(args, str(bundle))
+    h, w = jobs.resolve_settings(args, str(bundle))
     assert (h, w, args.system_prompt) == (64, 64, "empty")       # the bundle's own sampling defaults
-    summary = sample.score_toy(args, str(bundle), None, torch.device("cpu"), torch.float32, h, w)
+    summary = jobs.score_toy(args, str(bundle), None, torch.device("cpu"), torch.float32, h, w)
     assert set(summary) == set(toy.CATEGORIES) and all(0 <= v <= 1 for v in summary.values())
 
     def recorded_args():
@@ -35,8 +35,8 @@ def test_short_toy_training_writes_a_bundle_that_samples(tmp_path):
     assert (recorded_args()["lr"], recorded_args()["ema_decay"]) == (1e-3, 0.999)   # the toy's own recipe
     # the run can be continued (the DiT stage resumes; data, frozen parts and decoder are reused); an explicit
     # --lr equal to the general default is honoured, not mistaken for "use the toy default"
-    train.main(["--toy", "--out", str(tmp_path / "run"), "--toy-images", "96", "--steps", "6", "--global-batch",
-                "16", "--bundle", str(bundle), "--resume", "--lr", "2e-4"])
+    toy.main(["train", "--out", str(tmp_path / "run"), "--images", "96", "--steps", "6", "--global-batch",
+              "16", "--bundle", str(bundle), "--resume", "--lr", "2e-4"])
     assert "ckpt-0000006" in (tmp_path / "run" / "dit" / "latest").read_text()
     assert (recorded_args()["lr"], recorded_args()["ema_decay"]) == (2e-4, 0.999)
 
@@ -54,8 +54,8 @@ def test_bundled_toy_cli(tmp_path):
 def test_bundled_toy_follows_prompts_and_needs_guidance():
     def score(cfg):
         args = sample.parse_args(["--toy", "--score", "180", "--cfg", str(cfg)])
-        h, w = sample.resolve_settings(args, BUNDLE)
-        return sample.score_toy(args, BUNDLE, None, torch.device("cpu"), torch.float32, h, w)
+        h, w = jobs.resolve_settings(args, BUNDLE)
+        return jobs.score_toy(args, BUNDLE, None, torch.device("cpu"), torch.float32, h, w)
     # measured on the bundled model: 0.889 overall at the default cfg 4, 0.833 with guidance off (lower in every
     # category); 180 prompts, seed 0
     guided, unguided = score(4.0), score(1.0)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from plumbing import loading, tiny
 import data
 import svgt2i
 import train
@@ -103,7 +104,7 @@ def test_statistics_are_computed_in_the_official_format(world):
     assert set(d) == {"mean", "std"} and d["mean"].shape == d["std"].shape == (1, 32)
     assert d["mean"].dtype == torch.float32
     # independently: every image's training view through the autoencoder's DINOv3, per-channel moments
-    ae = svgt2i.load_autoencoder(world["autoencoder"])
+    ae = loading.load_autoencoder(world["autoencoder"])
     crops = data.crop_size_list(64)
     records = data.Records(world["data"])
     feats = torch.cat([ae.encode(data.load_image(records[i]["path"], crops)[None]).flatten(2)[0].T.double()
@@ -279,7 +280,7 @@ def test_tiny_preset_makes_its_own_frozen_parts(world, tmp_path):
     out = tmp_path / "run"
     args = ["--model", "tiny", "--data", str(world["data"]), "--out", str(out), "--steps", "1", "--global-batch", "2",
             "--resolution", "64", "--system-prompt", SHORT_SYSTEM]
-    train.main(args)                                  # toy.make_tiny_frozen writes them into OUT/frozen
+    train.main(args)                                  # tiny.make_tiny_frozen writes them into OUT/frozen
     frozen = json.loads((out / "ckpt-0000001" / "run.json").read_text())["frozen"]
     ckpt = out / "ckpt-0000001"
     assert all(os.path.normpath(ckpt / frozen[k]).startswith(str(out / "frozen"))

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import runs
+from plumbing import runs
 import train
 from test_train import common, log_records, run_cli, world  # noqa: F401 (world: a fixture)
 from train_helpers import write_dataset

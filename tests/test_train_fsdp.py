@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import runs
+from plumbing import runs, sharding
 import sample
 import train
 from test_train import common, log_records, run_cli, world  # noqa: F401 (world: a fixture)
@@ -235,14 +235,14 @@ def test_damaged_dcp_metadata_and_parallel_errors(world, trained, tmp_path, caps
                                                "--hsdp-shard", "4"]))
     with pytest.raises(train.UsageError, match=r"--hsdp-shard 4 does not divide the world size 6: pass one of "
                                                r"1, 2, 3, 6$"):
-        train.parallel_plan(args, runs.Dist(world=6))
+        sharding.parallel_plan(args, runs.Dist(world=6))
     args.hsdp_shard, args.shard_text_encoder, args.cache = None, True, "cache"
     with pytest.raises(train.UsageError, match="--shard-text-encoder cannot fill a --cache"):
-        train.parallel_plan(args, runs.Dist(world=2))
+        sharding.parallel_plan(args, runs.Dist(world=2))
 
 
 def test_shard_gathers_bf16_reduces_fp32_and_composes_with_checkpointing():
-    """runs.shard on a one-rank gloo group: the blocks compute with bf16 weights while the master weights and their
+    """sharding.shard on a one-rank gloo group: the blocks compute with bf16 weights while the master weights and their
     gradients stay fp32, t and the joint residual stream stay fp32 as under DDP + autocast (cast_forward_inputs=False),
     activation checkpointing runs, and the loss is autocast's to bf16 precision."""
     import torch.distributed as dist
@@ -259,7 +259,7 @@ def test_shard_gathers_bf16_reduces_fp32_and_composes_with_checkpointing():
         model.grad_checkpointing = True
         plain = NextDiT(NextDiTConfig.tiny())
         plain.load_state_dict(model.state_dict())
-        runs.shard(model, [*model.noise_refiner, *model.context_refiner, *model.layers], runs.device_mesh(runs.Dist()),
+        sharding.shard(model, [*model.noise_refiner, *model.context_refiner, *model.layers], sharding.device_mesh(runs.Dist()),
                    bf16=True)
         seen = {}
         model.layers[0].attention.qkv.register_forward_pre_hook(lambda m, a: seen.update(w=m.weight.dtype))

@@ -32,15 +32,16 @@ def full(t):
 
 
 @contextlib.contextmanager
-def instruments(out, kill_after_step=None, dump_grads=False):
-    import train
-    clip, resume = torch.nn.utils.clip_grad_norm_, train.resume
+def instruments(out, kill_after_step=None, dump_grads=False, trainer="train"):
+    import importlib
+    module = importlib.import_module(trainer)
+    clip, restore = torch.nn.utils.clip_grad_norm_, getattr(module, "restore_state", None)
     step = [0]
 
-    def resumed(*args, **kwargs):       # steps count on from the checkpoint's
-        got = resume(*args, **kwargs)
-        step[0] = got[0]
-        return got
+    def restored(*args, **kwargs):       # steps count on from the checkpoint's
+        state, skipped = restore(*args, **kwargs)
+        step[0] = state["step"]
+        return state, skipped
 
     def hooked(params, *args, **kwargs):
         params = list(params)
@@ -54,11 +55,15 @@ def instruments(out, kill_after_step=None, dump_grads=False):
             save_file(grads, str(Path(out) / f"grads-{step[0]:07d}-rank{rank}.safetensors"))
         return clip(params, *args, **kwargs)
 
-    torch.nn.utils.clip_grad_norm_, train.resume = hooked, resumed
+    torch.nn.utils.clip_grad_norm_ = hooked
+    if restore is not None:
+        module.restore_state = restored
     try:
         yield
     finally:
-        torch.nn.utils.clip_grad_norm_, train.resume = clip, resume
+        torch.nn.utils.clip_grad_norm_ = clip
+        if restore is not None:
+            module.restore_state = restore
 
 
 def main():
@@ -73,7 +78,7 @@ def main():
     import importlib
     trainer = importlib.import_module(mine.trainer)
     out = theirs[theirs.index("--out") + 1]
-    with instruments(out, mine.kill_after_step, mine.dump_grads):
+    with instruments(out, mine.kill_after_step, mine.dump_grads, mine.trainer):
         trainer.main(theirs)
 
 

@@ -1,0 +1,185 @@
+"""
+The command line's rules: bad input is one line `NAME: error: ...` and exit code 2 (never a deep
+traceback), the flags both trainers share, paths made absolute, and the device a flag names.
+
+You need not read this to learn SVG-T2I.
+"""
+
+import argparse
+import contextlib
+import os
+import sys
+
+import torch
+import torch.distributed as torch_dist
+
+from plumbing import UsageError
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one: None means the stage or model preset decides."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_system_args(p):
+    """The flags both trainers share for where a run computes and how often it writes; the group,
+    for a trainer's own system flags."""
+    g = p.add_argument_group("system")
+    g.add_argument("--device", default="auto",
+                   help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda")
+    g.add_argument("--workers", type=int, default=None,
+                   help="data loader processes per rank (default: up to 4)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per rank for torch (default: torch's choice)")
+    g.add_argument("--save-every", type=int, default=None,
+                   help="checkpoint interval in steps (default 2000)")
+    g.add_argument("--keep", type=int, default=3, help="checkpoints to keep (0: all)")
+    g.add_argument("--log-every", type=int, default=None,
+                   help="log interval in steps (default 10)")
+    return g
+
+
+@contextlib.contextmanager
+def command_line(name):
+    """The entry points' error rule: bad input (UsageError, ValueError, FileNotFoundError) is one
+    line `NAME: error: ...` on stderr (rank-prefixed under torchrun; a usage error, which every
+    rank meets, said by rank 0 only) and exit code 2; the process group is closed either way."""
+    try:
+        yield
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if rank == 0 or not isinstance(e, UsageError):   # every rank has a usage error: say it once
+            prefix = f"[rank {rank}] " if world > 1 else ""
+            print(f"{prefix}{name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
+def absolute_paths(args, names):
+    """Make the path arguments `names` (and --resume DIR) absolute: a run can change directory."""
+    for name in names:
+        if getattr(args, name):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
+    if args.resume and args.resume != "latest":
+        args.resume = os.path.abspath(args.resume)
+    return args
+
+
+def check_train_args(args, stages):
+    """train.py's flags, checked once, here where they enter (its stage preset already filled in):
+    --caption-ratios becomes a tuple, --model-config a dict of NextDiTConfig fields, paths
+    absolute. Each bad value is a one-line UsageError."""
+    import dataclasses
+
+    from nextdit import PRESETS, NextDiTConfig
+    from plumbing.files import json_object
+    if not args.data or not args.out:
+        raise UsageError("--data FILE.jsonl and --out DIR are required (the toy model: python "
+                         "toy.py train)")
+    if args.stage not in stages:
+        raise UsageError(f"--stage {args.stage}: choose 1, 2, 3 or 4 (Table 4)")
+    if args.model not in PRESETS:
+        raise UsageError(f"--model {args.model!r}: choose one of {', '.join(PRESETS)}")
+    if isinstance(args.caption_ratios, str):
+        try:
+            args.caption_ratios = tuple(float(x) for x in args.caption_ratios.split(","))
+        except ValueError:
+            args.caption_ratios = ()
+    ratios = args.caption_ratios
+    if len(ratios) != 3 or min(ratios) < 0 or sum(ratios) <= 0:
+        raise UsageError("--caption-ratios: three non-negative numbers short,middle,long, e.g. "
+                         "0.1,0.35,0.55")
+    if args.resolution < 32 or args.resolution % 16:
+        raise UsageError(f"--resolution {args.resolution}: use a multiple of 16 (256, 512, 1024)")
+    if args.max_text_len < 8 or args.max_text_len % 8 or args.max_text_len > 592:
+        raise UsageError(f"--max-text-len {args.max_text_len}: use a multiple of 8 up to 592 (the "
+                         "DiT's RoPE covers 600 caption positions)")
+    for name in ("steps", "global_batch", "stats_images", "save_every", "log_every"):
+        if getattr(args, name) < (0 if name == "steps" else 1):
+            raise UsageError(f"--{name.replace('_', '-')} must be positive")
+    for name in ("caption_dropout", "zh_ratio"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise UsageError(f"--{name.replace('_', '-')} must lie in [0, 1]")
+    if not 0 <= args.ema_decay < 1:
+        raise UsageError("--ema-decay must lie in [0, 1)")
+    if args.model_config is not None:        # (run.json records None when not given)
+        args.model_config = json_object(args.model_config, "--model-config",
+                                        "NextDiTConfig fields, e.g. '{\"n_layers\": 8}'")
+    fields = {f.name for f in dataclasses.fields(NextDiTConfig)}
+    unknown = sorted(set(args.model_config or {}) - fields)
+    if unknown:
+        raise UsageError(f"--model-config: unknown NextDiTConfig fields {unknown}")
+    return absolute_paths(args, ("data", "out", "autoencoder", "dinov3", "gemma", "stats", "cache",
+                                 "init_from"))
+
+
+def check_autoencoder_args(args, stages, recipe):
+    """train_autoencoder.py's flags: those left unset take the stage's preset and the recipe; then
+    each is checked once, here where it enters (one-line UsageErrors); --decoder-config and
+    --residual-config become dicts of their config's fields; paths absolute."""
+    import dataclasses
+
+    from decoder import DecoderConfig, ResidualViTConfig
+    from plumbing.files import json_object
+    if args.eval and (not args.data or not args.ckpt):
+        raise UsageError("--eval needs --data (a folder or .jsonl of images) and --ckpt")
+    if not args.eval and (not args.data or not args.out):
+        raise UsageError("--data (a folder of images or a .jsonl) and --out DIR are required")
+    if args.stage not in stages:
+        raise UsageError(f"--stage {args.stage}: choose 1, 2 or 3 (Table 3)")
+    for k, v in dict(stages[args.stage], **recipe).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.resolution < 16 or args.resolution % 16:
+        raise UsageError(f"--resolution {args.resolution}: use a multiple of 16 (256, 512, 1024)")
+    for name in ("steps", "global_batch", "save_every", "log_every", "limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive")
+    for name in ("perceptual_weight", "disc_weight", "disc_start", "stats_images", "lr"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must not be negative")
+    for name, cls in (("decoder_config", DecoderConfig), ("residual_config", ResidualViTConfig)):
+        flag = "--" + name.replace("_", "-")
+        overrides = json_object(getattr(args, name), flag, "fields, e.g. '{\"ch\": 64}'")
+        # z_channels follows the encoders
+        allowed = {f.name for f in dataclasses.fields(cls)} - {"z_channels"}
+        bad = sorted(set(overrides) - allowed)
+        if bad:
+            raise UsageError(f"{flag}: unknown or fixed {cls.__name__} fields {bad}")
+        setattr(args, name, overrides)
+    return absolute_paths(args, ("data", "out", "init_from", "dinov3", "vgg", "lpips", "ckpt"))
+
+
+def pick_device(name="auto", index=0):
+    """--device: auto (cuda:index when a GPU is visible, else cpu), cpu, cuda, cuda:N or mps.
+    Anything else, or a device this machine lacks, is a one-line ValueError."""
+    if name == "auto":
+        return torch.device(f"cuda:{index}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps") \
+            from None
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            build = " (this torch is a CPU-only build)" if torch.version.cuda is None else ""
+            raise ValueError(f"--device {name}: no CUDA GPU is visible here{build}: use --device "
+                             "cpu")
+        i = index if device.index is None else device.index
+        if i >= n:
+            raise ValueError(f"--device {name}: this machine has {n} CUDA device(s), cuda:0 to "
+                             f"cuda:{n - 1}")
+        return torch.device("cuda", i)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: Apple's MPS is not available here: use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: {device.type} devices are not supported: use auto, "
+                         "cpu, cuda, cuda:N or mps")
+    return device

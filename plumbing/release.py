@@ -1,0 +1,172 @@
+"""
+Where the weights are: the one place that knows the file names of the official release and of our
+own checkpoints, and that finds a part from a flag, a folder, a run's record (run.json) or the
+release beside the command. Every miss is one line naming what was expected and where it is
+published.
+
+You need not read this to learn SVG-T2I.
+"""
+
+import glob
+import json
+import os
+from pathlib import Path
+
+from plumbing import UsageError
+
+DOWNLOAD_HINT = ("the official weights are published with the SVG-T2I release "
+                 "(github.com/KlingTeam/SVG-T2I, 'pre-trained/' folder) and Gemma-2-2B at "
+                 "huggingface.co/google/gemma-2-2b")
+
+# Where the release is looked for when no folder is named: the official layout beside the command.
+RELEASE_DIRS, GEMMA_DIRS = ("pre-trained",), ("gemma-2-2b", "pre-trained/gemma-2-2b")
+# The bundled toy model (sample.py --toy); its sampling defaults are in its run.json.
+TOY_BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "assets", "toy")
+
+# In an official DiT folder the trainer writes both; the EMA weights are preferred (what the
+# official sampler's --ema asks for, though its code then loads the other file).
+NEXTDIT_FILES = ("consolidated_ema.00-of-01.pth", "consolidated.00-of-01.pth")
+# Every part's file names (glob patterns in a checkpoint folder), most preferred first: our own
+# training checkpoints and bundles, then the official `pre-trained/` layout.
+FILES = {
+    "dit": ("ema.safetensors", "model.safetensors", *NEXTDIT_FILES,
+            *(f"dit-*/{name}" for name in NEXTDIT_FILES)),
+    "autoencoder": ("autoencoder.safetensors", "autoencoder/svg_autoencoder-P-*.ckpt",
+                    "autoencoder/svg_autoencoder*.ckpt", "autoencoder/*.ckpt"),
+    "dinov3": ("dinov3.safetensors", "dinov3_vits16plus_pretrain_lvd1689m-*.pth"),
+    "stats": ("latent_stats.pt", "dinov3_s16p_layer_patchtoken_stats_dist.pt"),
+    "gemma": ("text_encoder", "gemma-2-2b"),
+}
+EXPECTED = {    # what an error message says is missing
+    "dit": "dit-*/consolidated.00-of-01.pth (or ema.safetensors / model.safetensors of a "
+           "training run)",
+    "autoencoder": "autoencoder/svg_autoencoder-P-stage3.ckpt",
+    "dinov3": "dinov3_vits16plus_pretrain_lvd1689m-*.pth (or encoder.* keys in the "
+              "autoencoder checkpoint)",
+    "stats": "dinov3_s16p_layer_patchtoken_stats_dist.pt",
+    "gemma": "a Gemma-2-2B folder (config.json, model*.safetensors, tokenizer.model), passed "
+             "as --gemma",
+}
+FROZEN = ("autoencoder", "dinov3", "gemma")    # the frozen parts a DiT run records
+
+
+def default_folder(candidates):
+    """The first of `candidates` (relative to the working directory) that is a folder, or None."""
+    return next((c for c in candidates if os.path.isdir(c)), None)
+
+
+def first_match(folder, patterns, unique=False):
+    """The first pattern that matches wins; among its matches the last in sorted order
+    (the highest stage), or, with unique=True, an error if there are several."""
+    for pat in patterns:
+        hits = sorted(glob.glob(os.path.join(folder, pat)))
+        if len(hits) > 1 and unique:
+            raise ValueError(f"{folder}: several files match {pat} ({', '.join(hits)}): choose "
+                             "one with --dit")
+        if hits:
+            return hits[-1]
+    return None
+
+
+def checkpoint_folder(path):
+    """A training run's folder (OUT/, holding `latest`) stands for its newest checkpoint; any other
+    folder for itself."""
+    if os.path.isfile(os.path.join(path, "latest")):
+        with open(os.path.join(path, "latest")) as f:
+            return os.path.join(path, f.read().strip())
+    return path
+
+
+def recorded_parts(folder):
+    """The frozen parts a checkpoint of ours was trained with, as its run.json records them
+    ({"autoencoder": path, ...}; a relative path is relative to the checkpoint, so a run that is
+    moved whole still finds what lies inside it); {} without a run.json."""
+    f = os.path.join(folder, "run.json")
+    if not os.path.isfile(f):
+        return {}
+    try:
+        with open(f) as fh:
+            frozen = json.load(fh).get("frozen", {})
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{f}: not a valid run.json ({type(e).__name__}: {e})") from None
+    return {k: os.path.normpath(os.path.join(folder, v)) for k, v in frozen.items()
+            if isinstance(v, str) and v}
+
+
+def recorded_but_gone(folder, key, path):
+    """The error for a frozen part that run.json records but that no longer exists."""
+    return FileNotFoundError(f"{os.path.join(folder, 'run.json')} records the {key} at {path}, "
+                             f"which does not exist (was the run moved?): pass --{key}")
+
+
+def find_weights(ckpt_dir, gemma_dir=None, dit=None, autoencoder=None, dinov3=None, stats=None,
+                 need=("dit", "autoencoder", "stats", "gemma")):
+    """Locate the files of a checkpoint folder: the official `pre-trained/` layout, or one of our
+    own (training checkpoints and the bundled toy model). Explicit arguments override what is
+    found, then the folder's files (FILES), then what its run.json records. Raises a clear error
+    for each file in `need` that is missing."""
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"checkpoint folder not found: {ckpt_dir} ({DOWNLOAD_HINT})")
+    ckpt_dir = checkpoint_folder(ckpt_dir)
+    run = recorded_parts(ckpt_dir)
+    given = {"dit": dit, "autoencoder": autoencoder, "dinov3": dinov3, "stats": stats,
+             "gemma": gemma_dir}
+    found = {key: given[key] or first_match(ckpt_dir, FILES[key], unique=key == "dit")
+             or run.get(key) for key in FILES}     # (run.json records no DiT)
+    for key, path in found.items():
+        gone = path is not None and not os.path.exists(path)
+        # a gone record of a part this command does not need (e.g. DINOv3 when the autoencoder
+        # holds encoder.*) is as if absent
+        if gone and key not in need and path == run.get(key):
+            found[key] = None
+            continue
+        if path is None and key in need:
+            raise FileNotFoundError(f"{ckpt_dir}: no {key} weights found; expected "
+                                    f"{EXPECTED[key]} ({DOWNLOAD_HINT})")
+        if gone and key in need:
+            if path == run.get(key):
+                raise recorded_but_gone(ckpt_dir, key, path)
+            raise FileNotFoundError(f"{key} weights not found: {path} ({DOWNLOAD_HINT})")
+    return found
+
+
+def release_files():
+    """The official release's frozen parts and statistics when it sits beside the command
+    (./pre-trained, ./gemma-2-2b): what `torchrun train.py --stage 1 --data D --out O` uses."""
+    folder = default_folder(RELEASE_DIRS)
+    if folder is None:
+        return {"gemma": default_folder(GEMMA_DIRS)}
+    found = find_weights(folder, default_folder(GEMMA_DIRS), need=())
+    return {k: found[k] for k in FROZEN + ("stats",)}
+
+
+def init_weights_file(path, prefer_ema):
+    """train.py --init-from: a checkpoint folder of ours (model.safetensors, or ema.safetensors
+    with --init-from-ema), a run folder (its latest checkpoint), an official folder
+    (consolidated[_ema].00-of-01.pth) or a weights file."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise UsageError(f"--init-from: {path} does not exist")
+    path = Path(checkpoint_folder(str(path)))
+    ema, plain = ["ema.safetensors", NEXTDIT_FILES[0]], ["model.safetensors", NEXTDIT_FILES[1]]
+    names = ema + plain if prefer_ema else plain
+    for n in names:
+        if (path / n).is_file():
+            return path / n
+    raise UsageError(f"--init-from: no weights in {path} (expected {' or '.join(names)})")
+
+
+def autoencoder_file(path, flag):
+    """train_autoencoder.py's source checkpoint: our run or checkpoint folder (its
+    autoencoder.safetensors), or a file (the official svg_autoencoder-*.ckpt, a safetensors file
+    with the same keys)."""
+    path = Path(path)
+    if path.is_dir():
+        path = Path(checkpoint_folder(str(path))) / "autoencoder.safetensors"
+    if not path.is_file():
+        raise UsageError(f"{flag}: {path} not found (expected a run or checkpoint folder of "
+                         "train_autoencoder.py, or an SVG autoencoder .ckpt)")
+    return path

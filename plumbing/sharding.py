@@ -1,0 +1,246 @@
+"""
+FSDP2, for models a full replica per GPU does not fit: the device mesh (1-D, or 2-D for HSDP), the
+per-block wrapping, full safetensors files streamed from the shards one tensor at a time, and
+torch.distributed.checkpoint folders that reshard on load (any mode, any world size).
+torch.distributed.checkpoint and fsdp are imported where used: they cost seconds at every start.
+
+You need not read this to learn SVG-T2I.
+"""
+
+import contextlib
+import json
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+
+from plumbing import UsageError
+
+
+def parallel_plan(args, dist):
+    """train.py's --parallel, --hsdp-shard and --shard-text-encoder checked against the world
+    size; the device mesh (dist.mesh) when anything is sharded."""
+    sharded = args.parallel == "fsdp" or args.shard_text_encoder
+    if sharded and dist.world == 1:
+        flag = "--parallel fsdp" if args.parallel == "fsdp" else "--shard-text-encoder"
+        raise UsageError(f"{flag} shards over processes: run it under torchrun with 2 or more "
+                         "(one process trains the same with --parallel ddp and resumes any "
+                         "checkpoint)")
+    if args.hsdp_shard is not None:
+        sizes = [n for n in range(1, dist.world + 1) if dist.world % n == 0]
+        if args.parallel != "fsdp":
+            raise UsageError("--hsdp-shard needs --parallel fsdp")
+        if args.hsdp_shard not in sizes:
+            raise UsageError(f"--hsdp-shard {args.hsdp_shard} does not divide the world size "
+                             f"{dist.world}: pass one of {', '.join(map(str, sizes))}")
+    if args.shard_text_encoder and args.cache:
+        raise UsageError("--shard-text-encoder cannot fill a --cache (each rank encodes records "
+                         "of its own): fill the cache in a run without it")
+    if sharded:
+        dist.mesh = device_mesh(dist, args.hsdp_shard)
+
+
+def device_mesh(dist, hsdp_shard=None):
+    """The data-parallel mesh: 1-D (every tensor sharded over every rank), or with `hsdp_shard` N
+    2-D, world / N replicas of N shards (rank r holds shard r % N of replica r // N): the
+    all-gathers and reduce-scatters stay within a group (a node), only the gradient all-reduce
+    of the shards crosses groups."""
+    from torch.distributed.device_mesh import init_device_mesh
+    if hsdp_shard:
+        return init_device_mesh(dist.device.type, (dist.world // hsdp_shard, hsdp_shard),
+                                mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(dist.device.type, (dist.world,), mesh_dim_names=("shard",))
+
+
+def shard(model, blocks, mesh, bf16=False, forward_methods=()):
+    """FSDP2: fully_shard each of `blocks`, then `model` (the root: what the blocks leave), so a
+    block's parameters are all-gathered just before it runs and freed after it. Parameters become
+    DTensors holding this rank's shard (the fp32 master weights; an optimizer built afterwards
+    keeps its state sharded beside them). With `bf16` they are gathered in bf16 for compute and
+    the gradients reduce-scattered in fp32. `forward_methods`: methods besides forward that run
+    the model (the root's parameters must be gathered for them too)."""
+    from torch.distributed.fsdp import (MixedPrecisionPolicy, fully_shard,
+                                        register_fsdp_forward_method)
+    # cast_forward_inputs=False: autocast decides the activations' dtypes, as with DDP (FSDP's
+    # default casts every input to bf16: t before its sinusoid, and the joint residual stream)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                              cast_forward_inputs=False) if bf16 else MixedPrecisionPolicy()
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    for name in forward_methods:
+        register_fsdp_forward_method(model, name)
+    # FSDP2 warns that a module returning views (NextDiT's unpatchify) loses its backward hook to
+    # an in-place op on them; the trainers' losses never modify a model's output in place
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    return model
+
+
+def local_shard(t):
+    """This rank's part of t: the local shard of a DTensor, else t itself."""
+    from torch.distributed.tensor import DTensor
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def like(full, target):
+    """A full tensor laid out as `target`: this rank's part of it where target is a DTensor (cut
+    locally, no communication), else the tensor itself."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if not isinstance(target, DTensor):
+        return full
+    return distribute_tensor(full.to(target.device), target.device_mesh, target.placements,
+                             src_data_rank=None)
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8",
+                      torch.bool: "BOOL"}
+
+
+def write_safetensors(path, tensors, main, metadata=None):
+    """{name: tensor or DTensor} -> one safetensors file of full tensors, written by rank 0
+    (`main`) one tensor at a time: the header comes from the global shapes, then each tensor is
+    gathered (DTensor.full_tensor, a collective: every rank calls this), copied to the CPU,
+    written and dropped. So no rank ever holds more than one full tensor beyond its shards."""
+    from torch.distributed.tensor import DTensor
+    header, offset = {}, 0
+    for k, v in tensors.items():
+        n = v.numel() * v.element_size()
+        header[k] = {"dtype": SAFETENSORS_DTYPES[v.dtype], "shape": list(v.shape),
+                     "data_offsets": [offset, offset + n]}
+        offset += n
+    if metadata:
+        header = {"__metadata__": metadata, **header}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)             # the data starts 8-byte aligned, as safetensors'
+    with open(path, "wb") if main else contextlib.nullcontext() as f:
+        if main:
+            f.write(len(blob).to_bytes(8, "little") + blob)
+        for v in tensors.values():
+            full = v.detach().full_tensor() if isinstance(v, DTensor) else v.detach()
+            if main:
+                f.write(full.cpu().contiguous().view(torch.uint8).numpy())
+            del full
+
+
+def read_into(tensors, path):
+    """Copy the full tensors of a safetensors file into `tensors` ({name: tensor or DTensor}, the
+    same names and global shapes; each rank copies its part), reading one tensor at a time.
+    Raises ValueError naming the first misfit."""
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        missing, unknown = set(tensors) - set(f.keys()), set(f.keys()) - set(tensors)
+        if missing or unknown:
+            raise ValueError(f"missing keys {sorted(missing)[:3]}, unexpected keys "
+                             f"{sorted(unknown)[:3]}")
+        for k, dst in tensors.items():
+            shape = tuple(f.get_slice(k).get_shape())
+            if shape != tuple(dst.shape):
+                raise ValueError(f"size mismatch for {k}: {shape} in the file, "
+                                 f"{tuple(dst.shape)} in the model")
+            with torch.no_grad():
+                dst.copy_(like(f.get_tensor(k), dst))
+
+
+def load_full_optimizer(opt, path):
+    """opt.state_dict() saved as a file (full tensors, by parameter index) into `opt`, whose
+    parameters may be sharded: each rank keeps its part. Memory-mapped: a rank reads its part."""
+    sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, state in sd["state"].items():
+        p = params[i]                               # clone: off the mapped file
+        sd["state"][i] = {k: (like(v, p) if v.shape == p.shape else v).clone()
+                          if torch.is_tensor(v) else v for k, v in state.items()}
+    opt.load_state_dict(sd)
+
+
+def save_sharded(folder, model, opt, **extra):
+    """Model, optimizer and `extra` state dicts ({name: tensor or DTensor}) as one
+    torch.distributed.checkpoint in `folder`: every rank writes its shards (in parallel), rank 0
+    the metadata. Keyed by parameter names (the optimizer's too), whatever the wrapping, so a run
+    in either mode, on any number of ranks, loads it (load_sharded). Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    msd, osd = get_state_dict(model, opt)
+    with plain_dcp():
+        dcp.save({"model": msd, "optim": osd, **extra}, checkpoint_id=str(folder),
+                 no_dist=not torch_dist.is_initialized())
+
+
+def load_sharded(folder, model, opt, **extra):
+    """save_sharded's checkpoint into a model, optimizer and `extra` state dicts, in place,
+    resharded to this run's layout (full tensors for a model that is not sharded). Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    msd, osd = get_state_dict(model, opt)    # the template (a fresh optimizer gets its state)
+    sd = {"model": msd, "optim": osd, **extra}
+    with plain_dcp():
+        dcp.load(sd, checkpoint_id=str(folder), no_dist=not torch_dist.is_initialized())
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+
+@contextlib.contextmanager
+def plain_dcp():
+    """torch.distributed.checkpoint without its warning for one process (meant here) and with its
+    failure (a CheckpointException, not an Exception) as a ValueError: the first rank's error."""
+    from torch.distributed.checkpoint import CheckpointException
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable")
+            yield
+    except CheckpointException as e:
+        error = next(iter(e.failures.values()))[0]
+        raise ValueError(f"{type(error).__name__}: {error}") from None
+
+
+def sharded_problem(folder):
+    """Why a torch.distributed.checkpoint folder cannot be trusted, or None: its metadata
+    unreadable, a shard file it names missing or shorter than the bytes it claims there."""
+    from torch.distributed.checkpoint import FileSystemReader
+    try:
+        meta = FileSystemReader(str(folder)).read_metadata()
+    except Exception as e:
+        return f".metadata is missing, corrupt or truncated ({type(e).__name__})"
+    ends = {}
+    for info in meta.storage_data.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        f = Path(folder) / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size < end:
+            return f"{name} is truncated"
+    return None
+
+
+def write_model_ema_optimizer(folder, model, ema, opt, dist, sharded, step):
+    """A DiT checkpoint's weights, in either mode: {model,ema}.safetensors (full tensors, what
+    sample.py and --init-from read), then optimizer.pt (unsharded) or dcp/ (sharded: the model,
+    AdamW and EMA shards, every rank writing its own). Every rank calls it (the full files are
+    gathered tensor by tensor)."""
+    meta = {"format": "pt", "step": str(step)}
+    write_safetensors(Path(folder) / "model.safetensors", model.state_dict(), dist.main, meta)
+    write_safetensors(Path(folder) / "ema.safetensors", ema, dist.main, meta)
+    if sharded:
+        save_sharded(Path(folder) / "dcp", model, opt, ema=ema)
+    elif dist.main:
+        torch.save(opt.state_dict(), Path(folder) / "optimizer.pt")
+
+
+def read_model_ema_optimizer(folder, model, ema, opt, model_flags):
+    """write_model_ema_optimizer's checkpoint, of either mode, into this run's model, EMA and
+    optimizer (sharded or not: each rank keeps its part; dcp/ is resharded). A checkpoint of
+    another model is a UsageError naming `model_flags` (e.g. "--model tiny")."""
+    folder = Path(folder)
+    try:
+        if (folder / "dcp").is_dir():
+            load_sharded(folder / "dcp", model, opt, ema=ema)
+        else:
+            read_into(model.state_dict(), folder / "model.safetensors")
+            read_into(ema, folder / "ema.safetensors")
+            load_full_optimizer(opt, folder / "optimizer.pt")
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--resume {folder}: the checkpoint does not fit {model_flags} "
+                         f"({str(e).strip().splitlines()[0]}): pass the run's "
+                         "--model/--model-config") from None
