@@ -84,7 +84,7 @@ def center_crop(image, size):
     return image.crop((left, top, left + cw, top + ch))
 
 
-def load_image(path, crops):
+def load_bucket_crop(path, crops):
     """The training view of an image: [3, h, w] in [-1, 1], cropped to its closest
     aspect bucket."""
     image = read_image(path)
@@ -373,7 +373,7 @@ class TrainSet(torch.utils.data.Dataset):
         try:
             if self.cache is not None:
                 return record, self.cache.read(index)
-            return record, load_image(record["path"], self.crops)
+            return record, load_bucket_crop(record["path"], self.crops)
         except Exception as e:
             raise ValueError(f"{record['path']}: {describe(e)}") from None
 
@@ -397,7 +397,7 @@ class TrainSet(torch.utils.data.Dataset):
 class ImageSet(torch.utils.data.Dataset):
     """The autoencoder's training images. Item (position, index) -> {"position", "index",
     "image" [3, h, w] in [-1, 1], "skipped"}. crops="fixed": fixed_crop at `resolution`, its offset
-    drawn from the position's seed; crops="buckets": the aspect bucket crop of load_image. An
+    drawn from the position's seed; crops="buckets": the aspect bucket crop of load_bucket_crop. An
     unreadable image is replaced by the next record (first_readable)."""
 
     MAX_TRIES = 64
@@ -417,7 +417,7 @@ class ImageSet(torch.utils.data.Dataset):
             path = self.records[i]["path"]
             try:
                 if self.buckets is not None:
-                    return load_image(path, self.buckets)
+                    return load_bucket_crop(path, self.buckets)
                 return fixed_crop(read_image(path), self.resolution, rng)
             except Exception as e:
                 raise ValueError(f"{path}: {describe(e)}") from None

@@ -496,7 +496,7 @@ class SVGT2I:
         s = replace(sampling or Sampling(), **overrides)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         seeds = [seed + k for k in range(len(prompts))] if isinstance(seed, int) else list(seed)
-        images, masks = check_generate(self, prompts, seeds, height, width, s, output,
+        images, masks = check_generate(self, prompts, seeds, height, width, s, SAMPLERS, output,
                                        init_images, strength, mask)    # one per prompt, or None
         edit = prepare_edit(images, masks, height, width, s.steps, strength)
         guidance = Guidance(s.cfg, s.renorm, s.cfg_trunc)

@@ -53,7 +53,7 @@ from plumbing import UsageError
 from plumbing.cli import HelpFormatter, add_system_args, check_train_args, command_line
 from plumbing.files import read_state_dict
 from plumbing.frozen import run_json, setup_frozen
-from plumbing.release import init_weights_file
+from plumbing.release import DIT_CHECKPOINT_FILES, init_weights_file
 from plumbing.runs import (Dist, Meter, batch_plan, check_replicas, checkpoint_to_resume,
                            data_stream, end_of_run, end_of_step, fmt_time, load_fitting, open_run,
                            peak_flops, restore_state, stop_on_signals, warn_skipped, wrap_ddp,
@@ -89,12 +89,6 @@ TINY_STAGE = dict(global_batch=16, steps=100, save_every=50, log_every=10, worke
 TOY_STAGE = dict(resolution=64, global_batch=64, steps=2200, lr=1e-3, ema_decay=0.999,
                  save_every=250, log_every=50, workers=0)
 
-# What a checkpoint folder holds; --resume checks each before trusting the checkpoint. The
-# safetensors hold full tensors in every mode (what sample.py and --init-from read); then
-# optimizer.pt (ddp) or dcp/ (fsdp: the sharded model, optimizer and EMA, torch.distributed.
-# checkpoint). Either resumes in either mode, on any number of ranks.
-CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.pt|dcp", "state.pt",
-                    "run.json", "latent_stats.pt")
 ADAM_BETAS, ADAM_EPS = (0.9, 0.95), 1e-15  # upstream's AdamW; a constant lr (no warm-up, schedule)
 T_BINS = 10                                # loss is logged per t-bin: [0, 0.1), ..., [0.9, 1]
 
@@ -315,8 +309,8 @@ def report(dist, meter, out, args, step, skipped):
 
 
 def save(dist, out, model, ema, opt, counters, skipped, run_json_fields, stats_path, args):
-    """OUT/ckpt-{step:07d}/ (CHECKPOINT_FILES), once the replicas are proven identical. Every rank
-    calls it."""
+    """OUT/ckpt-{step:07d}/ (DIT_CHECKPOINT_FILES), once the replicas are proven identical. Every
+    rank calls it."""
     sharded = args.parallel == "fsdp"
     check_replicas(model, dist, shards=(args.hsdp_shard or dist.world) if sharded else 1)
     write_checkpoint(dist, out, args.keep, counters, skipped, run_json_fields,
@@ -345,7 +339,7 @@ def train(args):
 
     # Setup the run folder: OUT/ (locked), the checkpoint to resume, the weights to start from
     out = open_run(args.out, args.resume, dist)
-    resume_from = args.resume and checkpoint_to_resume(args.resume, out, CHECKPOINT_FILES,
+    resume_from = args.resume and checkpoint_to_resume(args.resume, out, DIT_CHECKPOINT_FILES,
                                                        dist.warn)
     init_file = (init_weights_file(args.init_from, args.init_from_ema)
                  if args.init_from and not resume_from else None)

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from data import ImageSet, crops_for, open_records
 from decoder import Decoder, ResidualViT
-from plumbing import cli, loading, runs
+from plumbing import cli, loading, release, runs
 from svgt2i import Autoencoder, with_residual
 
 # -------------------------------------------------------------------------------------------------
@@ -331,8 +331,8 @@ def build_networks(args, dist, source, source_path, resuming):
     encoder, lpips, dino_path = loading.autoencoder_frozen(args, source, source_path, dist.device)
     # the source's shapes, the flags' overrides on top (not on --resume)
     dcfg, rcfg = loading.autoencoder_configs(source, args.ae == "R", encoder.encoder.config.dim,
-                                            {} if resuming else args.decoder_config,
-                                            {} if resuming else args.residual_config)
+                                             {} if resuming else args.decoder_config,
+                                             {} if resuming else args.residual_config)
     torch.manual_seed(args.seed)
     with torch.device(dist.device):
         vit = ResidualViT(rcfg).reset_parameters() if rcfg else None
@@ -365,8 +365,8 @@ def train(args):
 
     # Setup the run folder and the checkpoint the run starts from: --resume's, else --init-from's
     out = runs.open_run(args.out, args.resume, dist)
-    resume_dir = (runs.checkpoint_to_resume(args.resume, out, loading.AUTOENCODER_FILES, dist.warn)
-                  if args.resume else None)
+    resume_dir = args.resume and runs.checkpoint_to_resume(
+        args.resume, out, release.AUTOENCODER_CHECKPOINT_FILES, dist.warn)
     source, source_path = loading.autoencoder_source(resume_dir, args.init_from)
 
     # Setup the networks and their optimisers
@@ -618,8 +618,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("frozen parts")
     g.add_argument("--dinov3", help="DINOv3 ViT-S/16+ weights (default: the --init-from/--resume "
                    "checkpoint's encoder.*)")
-    g.add_argument("--vgg", help=f"LPIPS trunk: torchvision's {loading.VGG_FILE}")
-    g.add_argument("--lpips", help=f"LPIPS linear layers: lpips' {loading.LIN_FILE}")
+    g.add_argument("--vgg", help=f"LPIPS trunk: torchvision's {release.VGG_FILE}")
+    g.add_argument("--lpips", help=f"LPIPS linear layers: lpips' {release.LIN_FILE}")
     g.add_argument("--stats-images", type=int, help="--ae R: images for the latent statistics "
                    "written with the last checkpoint (10000; 0: none)")
     g = p.add_argument_group("reconstruction metrics")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from data import caption_texts, load_image
+from data import caption_texts, load_bucket_crop
 from plumbing.files import atomic_write, describe
 
 
@@ -65,7 +65,7 @@ class Cache:
             self.file(i).parent.mkdir(parents=True, exist_ok=True)
             try:
                 record = records[i]
-                images.append(load_image(record["path"], crops))
+                images.append(load_bucket_crop(record["path"], crops))
             except Exception as e:
                 reason = describe(e)
                 atomic_write(self.file(i, ".bad"), lambda tmp: tmp.write_text(reason))

@@ -41,18 +41,16 @@ def check_masks(images, masks):
                              f"{im.size[0]}x{im.size[1]}: they must be the same size")
 
 
-def check_generate(pipe, prompts, seeds, height, width, sampling, output, init_images, strength,
-                   mask):
-    """SVGT2I.generate's arguments. Returns the init images and masks, one per prompt (None for
-    text-to-image, or without a mask)."""
-    from svgt2i import SAMPLERS
-
+def check_generate(pipe, prompts, seeds, height, width, sampling, solvers, output, init_images,
+                   strength, mask):
+    """SVGT2I.generate's arguments (`solvers`: the sampler names). Returns the init images and
+    masks, one per prompt (None for text-to-image, or without a mask)."""
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     check_image_size(height, width)
-    if sampling.solver not in SAMPLERS:
+    if sampling.solver not in solvers:
         raise ValueError(f"unknown solver {sampling.solver!r}: choose one of "
-                         f"{', '.join(SAMPLERS)}")
+                         f"{', '.join(solvers)}")
     if output not in ("pil", "latent"):
         raise ValueError(f"output must be 'pil' or 'latent', got {output!r}")
     if init_images is None:

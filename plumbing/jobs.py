@@ -150,7 +150,7 @@ def check_numbers(args):
 def check_modes(args):
     """--reconstruct and --score draw no prompts: --enhance and the edit flags are errors."""
     if (args.reconstruct or args.score is not None) and (args.enhance or args.init_image
-                                                          or args.init_images or args.mask):
+                                                         or args.init_images or args.mask):
         raise UsageError("--enhance and the image-to-image flags do not apply to --reconstruct "
                          "or --score")
 

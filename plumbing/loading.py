@@ -24,7 +24,8 @@ from gemma2 import Gemma2, Gemma2Config, Gemma2Tokenizer, gemma2_keymap
 from nextdit import NextDiT, NextDiTConfig, nextdit_keymap
 from plumbing import UsageError
 from plumbing.files import listing, read_json, read_state_dict, read_torch, sub_state_dict
-from plumbing.release import DOWNLOAD_HINT, NEXTDIT_FILES, autoencoder_file, find_weights
+from plumbing.release import (DOWNLOAD_HINT, LIN_FILE, NEXTDIT_FILES, VGG_FILE, autoencoder_file,
+                              find_weights)
 from svgt2i import Autoencoder, LatentStats, TextEncoder
 
 
@@ -254,13 +255,10 @@ def load_pipeline(ckpt_dir, gemma_dir=None, device="cpu", dtype=torch.bfloat16,
 # The model classes are train_autoencoder's, imported where used: importing this module never
 # imports a trainer.
 
-VGG_FILE, LIN_FILE = "vgg16-397923af.pth", "vgg.pth"
 LPIPS_HINT = (f"pass --vgg {VGG_FILE} (torchvision's ImageNet VGG16) and --lpips {LIN_FILE} (the "
               "lpips package's VGG linear layers), or --init-from a training checkpoint holding "
               "loss.perceptual_loss.*, or --perceptual-weight 0 to do without LPIPS")
 LPIPS_PREFIX, DISC_PREFIX = "loss.perceptual_loss.", "loss.discriminator."
-# a checkpoint's files (--resume checks them before trusting it; R's latent_stats.pt comes last)
-AUTOENCODER_FILES = ("autoencoder.safetensors", "optimizer.pt", "state.pt", "run.json")
 # Where LPIPS weights come from, and our names:
 #   torchvision vgg16-397923af.pth   features.{i}.weight|bias   -> net.features.{i}.*
 #                                    classifier.*                  dropped (not part of LPIPS)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from data import Positions, collate, load_image
+from data import Positions, collate, load_bucket_crop
 from plumbing.files import describe
 from plumbing import UsageError
 from plumbing.cli import pick_device
@@ -109,7 +109,6 @@ class Dist:
                 f.write(json.dumps(rec) + "\n")
 
 
-
 # -------------------------------------------------------------------------------------------------
 # The run folder: one run at a time, atomic checkpoints, resumed exactly from the newest intact one
 
@@ -164,7 +163,7 @@ def open_run(out, resume, dist):
     return out
 
 
-def save_checkpoint(out, step, write, keep, dist=None):
+def publish_checkpoint(out, step, write, keep, dist=None):
     """OUT/ckpt-{step:07d}/, written by write(folder) into a temporary folder and renamed, whole or
     not at all (plumbing.files.atomic_write); then OUT/latest names it and all but the last `keep`
     checkpoints are removed (0: keep all). Rank 0 only; or, given `dist`, every rank calls it and
@@ -296,7 +295,7 @@ def write_checkpoint(dist, out, keep, counters, skipped, run_info, write_weights
     on every rank: sharded state is gathered or written in parallel), then, by rank 0, state.pt
     (the counters, `extra`, every rank's generators and skipped count), latent_stats.pt (`stats`:
     a file to copy, or the official dict) and run.json (run_info and the step); whole or not at
-    all (save_checkpoint). Every rank calls it."""
+    all (publish_checkpoint). Every rank calls it."""
     state = gather_state(dist, counters, skipped, **extra)
     step = counters["step"]
 
@@ -309,7 +308,7 @@ def write_checkpoint(dist, out, keep, counters, skipped, run_info, write_weights
             elif stats is not None:
                 torch.save(stats, folder / "latent_stats.pt")
             (folder / "run.json").write_text(json.dumps({**run_info, "step": step}, indent=1))
-    folder = save_checkpoint(out, step, write, keep, dist)
+    folder = publish_checkpoint(out, step, write, keep, dist)
     dist.log(f"saved {folder}")
 
 
@@ -319,7 +318,7 @@ def rng_state(device):
     np_state = np.random.get_state()
     state = {"python": random.getstate(), "torch": torch.get_rng_state().tolist(),
              "numpy": [np_state[0], np_state[1].tolist(), *(int(x) if i != 2 else float(x)
-                                                         for i, x in enumerate(np_state[2:]))]}
+                                                            for i, x in enumerate(np_state[2:]))]}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device).tolist()
     return state
@@ -348,8 +347,8 @@ def check_replicas(model, dist, shards=1):
     if bad:
         raise RuntimeError(f"model replicas diverged: ranks {bad} differ from rank(s) "
                            f"{sorted({r % shards for r in bad})}")
-    dist.log(f"replicas identical on {dist.world} ranks" + (f" ({dist.world // shards} replicas of "
-                                                      f"{shards} shards)" if shards > 1 else ""))
+    layout = f" ({dist.world // shards} replicas of {shards} shards)" if shards > 1 else ""
+    dist.log(f"replicas identical on {dist.world} ranks{layout}")
 
 
 def load_fitting(model, sd, source, dist):
@@ -403,7 +402,6 @@ def record_eval(run_json, result):
     atomic_write(run_json, lambda tmp: tmp.write_text(text))
 
 
-
 # -------------------------------------------------------------------------------------------------
 # The data stream and the loop around each step
 
@@ -450,8 +448,8 @@ def warn_skipped(items, records, warned, dist):
         if it.get("no_prompt") and it["index"] not in no_prompt:
             no_prompt.add(it["index"])
             count = len(no_prompt)
-            dist.warn(f"warning: {records.where(it['index'])} has no prompt: trained with the empty "
-                   f"caption ({count} such record{'s' if count > 1 else ''} so far)")
+            dist.warn(f"warning: {records.where(it['index'])} has no prompt: trained with the "
+                      f"empty caption ({count} such record{'s' if count > 1 else ''} so far)")
     return n
 
 
@@ -534,7 +532,6 @@ class Progress:
                 f"elapsed, eta {fmt_time(eta)}")
         end = "\n" if not self.tty or done >= self.total else ""
         print(("\r" if self.tty else "") + line, end=end, file=self.stream, flush=True)
-
 
 
 def end_of_step(dist, args, step, stop, report, save):
@@ -650,7 +647,7 @@ def accumulate_stats(records, indices, crops, encode_images, cache=None, batch=1
             if cache is not None:
                 acc.update(cache.read(i)["latent"][None])
                 continue
-            images.append(load_image(records[i]["path"], crops))
+            images.append(load_bucket_crop(records[i]["path"], crops))
         except Exception as e:
             warn(f"warning: statistics skip {records.where(i)} ({describe(e)})")
             continue
@@ -664,11 +661,11 @@ def compute_stats(dist, records, indices, crops, encode_images, cache, batch, pa
     """Per-channel mean/std of the DINOv3 features of records[indices] (as cropped for training;
     each rank reads its share of `indices`), summed over ranks, saved in the official format
     ({'mean', 'std'}: [1, C]) to `path` by rank 0."""
-    acc = accumulate_stats(records, indices[dist.rank::dist.world], crops, encode_images, cache, batch,
-                           dist.warn)
+    acc = accumulate_stats(records, indices[dist.rank::dist.world], crops, encode_images, cache,
+                           batch, dist.warn)
     # ranks without data still join: the channel count is agreed on first
     C = int(dist.all_reduce(torch.tensor([0 if acc.sum is None else acc.sum.numel()]),
-                         op=torch_dist.ReduceOp.MAX))
+                            op=torch_dist.ReduceOp.MAX))
     vec = torch.zeros(1 + 2 * C, dtype=torch.float64)
     if acc.sum is not None:
         vec[0], vec[1:1 + C], vec[1 + C:] = float(acc.n), acc.sum, acc.sumsq

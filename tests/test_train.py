@@ -107,11 +107,11 @@ def test_statistics_are_computed_in_the_official_format(world):
     ae = loading.load_autoencoder(world["autoencoder"])
     crops = data.crop_size_list(64)
     records = data.Records(world["data"])
-    feats = torch.cat([ae.encode(data.load_image(records[i]["path"], crops)[None]).flatten(2)[0].T.double()
+    feats = torch.cat([ae.encode(data.load_bucket_crop(records[i]["path"], crops)[None]).flatten(2)[0].T.double()
                        for i in range(len(records))])                    # [tokens, 32]
     torch.testing.assert_close(d["mean"][0].double(), feats.mean(0), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(d["std"][0].double(), feats.std(0), rtol=1e-4, atol=1e-6)
-    assert len({tuple(data.load_image(records[i]["path"], crops).shape) for i in range(3)}) == 3   # 3 aspects
+    assert len({tuple(data.load_bucket_crop(records[i]["path"], crops).shape) for i in range(3)}) == 3   # 3 aspects
 
 
 def test_bf16_autocast_and_activation_checkpointing(world, tmp_path):

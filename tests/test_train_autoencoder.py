@@ -524,7 +524,7 @@ def test_r_trains_the_residual_vit_with_distribution_matching(world, tmp_path):
     assert not torch.equal(sd["extra_vit.heads.2.weight"], start["extra_vit.heads.2.weight"])
     ae = loading.load_autoencoder(folder / "autoencoder.safetensors")
     assert ae.residual is not None and ae.latent_channels == 40
-    x = data.load_image(data.Records(world["data"])[1]["path"], data.crops_for(128))[None]
+    x = data.load_bucket_crop(data.Records(world["data"])[1]["path"], data.crops_for(128))[None]
     model = T.TrainedAutoencoder(ae.decoder, ae.residual)
     with torch.no_grad():
         h = ae.encoder(ae.pixels(x)).transpose(1, 2).reshape(1, DINO.dim, *[s // 16 for s in x.shape[2:]])

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from plumbing import runs, sharding
+from plumbing import release, runs, sharding
 import sample
 import train
 from test_train import common, log_records, run_cli, world  # noqa: F401 (world: a fixture)
@@ -217,11 +217,11 @@ def test_sample_reads_an_fsdp_run(trained, tmp_path):
 def test_damaged_dcp_metadata_and_parallel_errors(world, trained, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(trained["fsdp"] / "ckpt-0000003", ckpt)
-    assert runs.checkpoint_problem(ckpt, train.CHECKPOINT_FILES) is None
+    assert runs.checkpoint_problem(ckpt, release.DIT_CHECKPOINT_FILES) is None
     (ckpt / "dcp" / ".metadata").write_bytes(b"\x00garbage")
-    assert runs.checkpoint_problem(ckpt, train.CHECKPOINT_FILES).startswith("dcp/.metadata is missing, corrupt")
+    assert runs.checkpoint_problem(ckpt, release.DIT_CHECKPOINT_FILES).startswith("dcp/.metadata is missing, corrupt")
     shutil.rmtree(ckpt / "dcp")
-    assert runs.checkpoint_problem(ckpt, train.CHECKPOINT_FILES) == "optimizer.pt or dcp is missing"
+    assert runs.checkpoint_problem(ckpt, release.DIT_CHECKPOINT_FILES) == "optimizer.pt or dcp is missing"
     misfit = ["--model-config", '{"ffn_dim": 64}', "--resume", str(trained["fsdp"] / "ckpt-0000003")]
     for extra, message in [(["--parallel", "fsdp"], "--parallel fsdp shards over processes: run it under torchrun"),
                            (["--hsdp-shard", "2"], "--hsdp-shard needs --parallel fsdp"),
