@@ -126,7 +126,7 @@ def main(argv=None):
                                       with_encoder=bool(plan.edit), **jobs.weight_flags(args))
         if args.compile:
             pipe.compile()              # each DiT block; the first step compiles
-        jobs.say_loaded(args, ckpt, gemma, device, dtype, t0)
+        jobs.say_loaded(pipe, device, dtype, t0)
         print(f"seed {plan.seed}", file=sys.stderr)
         if args.enhance:                # each distinct prompt rewritten by Gemma-2, once
             jobs.enhance_prompts(pipe, plan.todo)

@@ -440,10 +440,12 @@ class SVGT2I:
     """Text-to-image: Gemma-2 caption features -> NextDiT flow in normalised DINOv3 latent
     space -> decoder."""
 
-    def __init__(self, dit, autoencoder, stats, text_encoder, device="cpu", dtype=torch.bfloat16):
+    def __init__(self, dit, autoencoder, stats, text_encoder, device="cpu", dtype=torch.bfloat16,
+                 files=None):
         self.dit, self.autoencoder, self.stats = dit, autoencoder, stats
         self.text_encoder = text_encoder
         self.device, self.dtype = torch.device(device), dtype
+        self.files = files or {}        # the weight files it was loaded from (from_pretrained)
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, gemma_dir=None, device="cpu", dtype=torch.bfloat16,
@@ -453,8 +455,8 @@ class SVGT2I:
         with_encoder) stay fp32, which costs little (43M + 29M parameters) and keeps decoding
         exact. `files`: dit=, autoencoder=, dinov3=, stats= paths that replace what is found."""
         from plumbing.loading import load_pipeline     # (it imports this file: imported here)
-        parts = load_pipeline(ckpt_dir, gemma_dir, device, dtype, with_encoder, **files)
-        return cls(*parts, device=device, dtype=dtype)
+        *parts, found = load_pipeline(ckpt_dir, gemma_dir, device, dtype, with_encoder, **files)
+        return cls(*parts, device=device, dtype=dtype, files=found)
 
     def encode_text(self, prompts, system_prompt="base", negative_prompt="", guidance=True):
         """Caption features for `prompts`, followed (with guidance) by one negative row per prompt.

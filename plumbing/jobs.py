@@ -222,12 +222,9 @@ def weight_flags(args):
     return dict(dit=args.dit, autoencoder=args.autoencoder, stats=args.stats, dinov3=args.dinov3)
 
 
-def say_loaded(args, ckpt, gemma, device, dtype, t0):
-    """What was loaded (the DiT file find_weights picks), on which device and dtype, how fast."""
-    from plumbing.release import find_weights
-
-    files = find_weights(ckpt, gemma, dit=args.dit, autoencoder=args.autoencoder, stats=args.stats)
-    print(f"loaded {files['dit']} (+ autoencoder, statistics, Gemma) on {device} "
+def say_loaded(pipe, device, dtype, t0):
+    """What was loaded (the DiT file), on which device and dtype, how fast."""
+    print(f"loaded {pipe.files['dit']} (+ autoencoder, statistics, Gemma) on {device} "
           f"({str(dtype).replace('torch.', '')}) in {time.time() - t0:.1f}s", file=sys.stderr)
 
 
@@ -527,7 +524,7 @@ def score_toy(args, ckpt, gemma, device, dtype, height, width):
     pipe = SVGT2I.from_pretrained(ckpt, gemma, device=device, dtype=dtype, **weight_flags(args))
     if args.compile:
         pipe.compile()
-    say_loaded(args, ckpt, gemma, device, dtype, t0)
+    say_loaded(pipe, device, dtype, t0)
     prompts = toy.heldout_prompts(args.score)
     seed = args.seed if args.seed is not None else 0
     t0 = time.time()

@@ -227,7 +227,7 @@ def load_latent_stats(path, channels=384, layer=-1):
 
 def load_pipeline(ckpt_dir, gemma_dir=None, device="cpu", dtype=torch.bfloat16,
                   with_encoder=False, **overrides):
-    """SVGT2I.from_pretrained's parts: (dit, autoencoder, stats, text encoder), found by
+    """SVGT2I.from_pretrained's parts: (dit, autoencoder, stats, text encoder, the files), found by
     plumbing.release.find_weights (`overrides`: dit=, autoencoder=, dinov3=, stats= paths). The DiT
     and Gemma in `dtype`, the decoder (and DINOv3) in fp32."""
     files = find_weights(ckpt_dir, gemma_dir, **overrides)
@@ -246,7 +246,7 @@ def load_pipeline(ckpt_dir, gemma_dir=None, device="cpu", dtype=torch.bfloat16,
                          "released DiT")
     text = TextEncoder(load_tokenizer(files["gemma"]),
                        load_gemma2(files["gemma"], device=device, dtype=dtype))
-    return dit, autoencoder, stats, text
+    return dit, autoencoder, stats, text, files
 
 
 # -------------------------------------------------------------------------------------------------
