@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from plumbing.files import IMAGE_SUFFIXES, describe, read_image
+from plumbing.files import IMAGE_SUFFIXES, describe, open_image
 from svgt2i import images_to_tensor, system_prompt_text
 
 LENGTHS, LANGUAGES = ("short", "middle", "long"), ("en", "zh")
@@ -87,7 +87,7 @@ def center_crop(image, size):
 def load_bucket_crop(path, crops):
     """The training view of an image: [3, h, w] in [-1, 1], cropped to its closest
     aspect bucket."""
-    image = read_image(path)
+    image = open_image(path)
     return images_to_tensor([center_crop(image,
                                          closest_crop(image.width, image.height, crops))])[0]
 
@@ -418,7 +418,7 @@ class ImageSet(torch.utils.data.Dataset):
             try:
                 if self.buckets is not None:
                     return load_bucket_crop(path, self.buckets)
-                return fixed_crop(read_image(path), self.resolution, rng)
+                return fixed_crop(open_image(path), self.resolution, rng)
             except Exception as e:
                 raise ValueError(f"{path}: {describe(e)}") from None
         i, image, skipped = first_readable(self.records, index, load, self.MAX_TRIES)

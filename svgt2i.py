@@ -449,14 +449,15 @@ class SVGT2I:
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, gemma_dir=None, device="cpu", dtype=torch.bfloat16,
-                        with_encoder=False, **files):
+                        with_encoder=False, **overrides):
         """Load the whole pipeline: the release's `pre-trained/` folder (or a checkpoint of ours)
         and a Gemma-2 folder. The DiT and Gemma go to `dtype`; the decoder (and DINOv3, with
         with_encoder) stay fp32, which costs little (43M + 29M parameters) and keeps decoding
-        exact. `files`: dit=, autoencoder=, dinov3=, stats= paths that replace what is found."""
+        exact. `overrides`: dit=, autoencoder=, dinov3=, stats= paths that replace what is found."""
         from plumbing.loading import load_pipeline     # (it imports this file: imported here)
-        *parts, found = load_pipeline(ckpt_dir, gemma_dir, device, dtype, with_encoder, **files)
-        return cls(*parts, device=device, dtype=dtype, files=found)
+        *parts, files = load_pipeline(ckpt_dir, gemma_dir, device, dtype, with_encoder,
+                                      **overrides)
+        return cls(*parts, device=device, dtype=dtype, files=files)
 
     def encode_text(self, prompts, system_prompt="base", negative_prompt="", guidance=True):
         """Caption features for `prompts`, followed (with guidance) by one negative row per prompt.

@@ -52,7 +52,7 @@ from nextdit import PRESETS, NextDiT, NextDiTConfig, nextdit_keymap
 from plumbing import UsageError
 from plumbing.cli import HelpFormatter, add_system_args, check_train_args, command_line
 from plumbing.files import read_state_dict
-from plumbing.frozen import run_json, setup_frozen
+from plumbing.frozen import dit_run_record, setup_frozen
 from plumbing.release import DIT_CHECKPOINT_FILES, init_weights_file
 from plumbing.runs import (Dist, Meter, batch_plan, check_replicas, checkpoint_to_resume,
                            data_stream, end_of_run, end_of_step, fmt_time, load_fitting, open_run,
@@ -308,12 +308,12 @@ def report(dist, meter, out, args, step, skipped):
                 f"eta {fmt_time(m['eta_s'])}", rec)
 
 
-def save(dist, out, model, ema, opt, counters, skipped, run_json_fields, stats_path, args):
+def save(dist, out, model, ema, opt, counters, skipped, run_record, stats_path, args):
     """OUT/ckpt-{step:07d}/ (DIT_CHECKPOINT_FILES), once the replicas are proven identical. Every
     rank calls it."""
     sharded = args.parallel == "fsdp"
     check_replicas(model, dist, shards=(args.hsdp_shard or dist.world) if sharded else 1)
-    write_checkpoint(dist, out, args.keep, counters, skipped, run_json_fields,
+    write_checkpoint(dist, out, args.keep, counters, skipped, run_record,
                      lambda folder: write_model_ema_optimizer(folder, model, ema, opt, dist,
                                                               sharded, counters["step"]),
                      stats=stats_path, seed=args.seed, resolution=args.resolution,
@@ -349,10 +349,11 @@ def train(args):
     records = Records(args.data, default_system=args.system_prompt)
     crops = crops_for(args.resolution)
     sources = [resume_from, init_file and init_file.parent]
-    frozen, cache, stats = setup_frozen(args, dist, out, records, crops, sources, text_dtype)
+    frozen, cache, stats, text_dim = setup_frozen(args, dist, out, records, crops, sources,
+                                                  text_dtype)
 
     # Setup the model, AdamW and the EMA: the same init on every rank; then the resumed state
-    config = build_config(args, *frozen.widths(cache))
+    config = build_config(args, stats.channels, text_dim)
     model, params, opt, ema = build_model(args, config, dist, init_file, precision == "bf16")
     step = position = ema_updates = skipped = 0   # skipped: this rank's unreadable images
     if resume_from:
@@ -363,7 +364,7 @@ def train(args):
         state, skipped = restore_state(resume_from, dist, out / "log.jsonl")
         step, position, ema_updates = state["step"], state["position"], state["ema_updates"]
     ddp = wrap_ddp(model, dist) if args.parallel == "ddp" else model
-    run_json_fields = run_json(args, frozen.paths, config)
+    run_record = dit_run_record(args, frozen.paths, config)
 
     # Setup the data: this rank's micro-batches of the global positions still to come
     dataset = TrainSet(records, crops, args.seed, args.resolution, args.caption_dropout,
@@ -421,7 +422,7 @@ def train(args):
             if end_of_step(dist, args, step, stop,
                            lambda: report(dist, meter, out, args, step, skipped),
                            lambda: save(dist, out, model, ema, opt, counters, skipped,
-                                        run_json_fields, frozen.paths["stats"], args)):
+                                        run_record, frozen.paths["stats"], args)):
                 break
     end_of_run(dist, step, args, meter.t_start, out)
     return out

@@ -365,8 +365,8 @@ def train(args):
 
     # Setup the run folder and the checkpoint the run starts from: --resume's, else --init-from's
     out = runs.open_run(args.out, args.resume, dist)
-    resume_dir = args.resume and runs.checkpoint_to_resume(
-        args.resume, out, release.AUTOENCODER_CHECKPOINT_FILES, dist.warn)
+    resume_dir = runs.checkpoint_to_resume(args.resume, out, release.AUTOENCODER_CHECKPOINT_FILES,
+                                           dist.warn) if args.resume else None
     source, source_path = loading.autoencoder_source(resume_dir, args.init_from)
 
     # Setup the networks and their optimisers
@@ -490,8 +490,9 @@ def report(dist, meter, out, args, step, skipped, factor):
 def save(dist, args, out, records, nets, opts, counters, skipped, run_info):
     """OUT/ckpt-{step:07d}/ (plumbing.runs.write_checkpoint): autoencoder.safetensors in the
     official layout, optimizer.pt, state.pt, run.json; for R at the last step latent_stats.pt."""
-    last_r = args.ae == "R" and counters["step"] == args.steps and args.stats_images > 0
-    stats = residual_stats(dist, args, records, nets, out / "latent_stats.pt") if last_r else None
+    stats = None
+    if args.ae == "R" and counters["step"] == args.steps and args.stats_images > 0:
+        stats = residual_stats(dist, args, records, nets, out / "latent_stats.pt")
     for net in [m for m in (nets.trained, nets.disc) if m is not None]:
         runs.check_replicas(net, dist)
 

@@ -10,9 +10,6 @@ import contextlib
 import os
 import sys
 
-import torch
-import torch.distributed as torch_dist
-
 from plumbing import UsageError
 
 
@@ -57,7 +54,10 @@ def command_line(name):
             print(f"{prefix}{name}: error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
-        if torch_dist.is_initialized():
+        # a process group exists only if torch.distributed was imported (sample.py checks its
+        # arguments before torch is imported at all)
+        torch_dist = sys.modules.get("torch.distributed")
+        if torch_dist is not None and torch_dist.is_available() and torch_dist.is_initialized():
             torch_dist.destroy_process_group()
 
 
@@ -159,6 +159,8 @@ def check_autoencoder_args(args, stages, recipe):
 def pick_device(name="auto", index=0):
     """--device: auto (cuda:index when a GPU is visible, else cpu), cpu, cuda, cuda:N or mps.
     Anything else, or a device this machine lacks, is a one-line ValueError."""
+    import torch
+
     if name == "auto":
         return torch.device(f"cuda:{index}" if torch.cuda.is_available() else "cpu")
     try:

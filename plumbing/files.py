@@ -36,6 +36,19 @@ def listing(names, n=8):
     return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
 
+def key_mismatch(expected, sd, prefix="", missing=()):
+    """What keeps the state dict `sd` from loading strictly into a model whose state dict is
+    `expected`, as one phrase under the file's names (`prefix` added; `missing`: keys a key map
+    could not find), or "" when it fits."""
+    missing = [prefix + k for k in missing] + [prefix + k for k in expected if k not in sd]
+    unexpected = [prefix + k for k in sd if k not in expected]
+    misshaped = [f"{prefix}{k} {list(v.shape)} vs {list(expected[k].shape)}" for k, v in sd.items()
+                 if k in expected and v.shape != expected[k].shape]
+    problems = (("missing", missing), ("unexpected", unexpected),
+                ("wrong shape (file vs model)", misshaped))
+    return "; ".join(f"{what}: {listing(names)}" for what, names in problems if names)
+
+
 def read_json(path):
     """A JSON file; invalid JSON is a one-line ValueError naming the file."""
     try:
@@ -189,15 +202,21 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
+def open_image(path, mode="RGB"):
+    """The one image reader: a file decoded in full (so a truncated or corrupt file fails here,
+    with PIL's own error), as 8-bit RGB by to_rgb, or another `mode` by PIL's conversion (masks:
+    "L"). The data sets call it and report a failure as a skipped record."""
+    with Image.open(path) as im:
+        im.load()
+        return to_rgb(im) if mode == "RGB" else im.convert(mode)
+
+
 def read_image(path, mode="RGB"):
-    """An image file as a PIL image: 8-bit RGB by to_rgb (as training reads it), or another
-    `mode` by PIL's conversion (masks: "L"); a missing or unreadable file is a one-line error."""
+    """open_image for a file the user named: a missing or unreadable file is a one-line error."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image not found: {path}")
     try:
-        with Image.open(path) as im:
-            im.load()
-            return to_rgb(im) if mode == "RGB" else im.convert(mode)
+        return open_image(path, mode)
     except (OSError, SyntaxError) as e:         # PIL's UnidentifiedImageError is an OSError
         raise ValueError(f"{path}: not an image ({first_line(e)})") from None
 

@@ -5,7 +5,8 @@ continues or starts from, the release beside the command, or, for --model tiny, 
 made in the run); the latent statistics (given, carried over from that checkpoint, or computed
 from the data); the feature cache (--cache); and what each checkpoint's run.json records of them.
 
-    frozen, cache, stats = setup_frozen(args, dist, out, records, crops, sources, text_dtype)
+    frozen, cache, stats, text_dim = setup_frozen(args, dist, out, records, crops, sources,
+                                                  text_dtype)
     x = frozen.encode_images(images); feats, mask = frozen.encode_texts(texts, max_length)
 
 You need not read this to learn SVG-T2I.
@@ -106,7 +107,8 @@ class FrozenEncoders:
 def setup_frozen(args, dist, out, records, crops, sources, text_dtype):
     """The frozen encoders (frozen_paths), the feature cache (--cache) and the latent statistics
     (computed into OUT/latent_stats.pt when neither given nor carried over). Returns
-    (FrozenEncoders, the Cache or None, svgt2i.LatentStats)."""
+    (FrozenEncoders, the Cache or None, svgt2i.LatentStats, the caption feature width): the widths
+    are read before the encoders are freed, so a run from the cache never loads them."""
     paths = frozen_paths(args, dist, out, records, sources)
     frozen = FrozenEncoders(paths, dist.device, text_dtype,
                             dist.mesh if args.shard_text_encoder else None)
@@ -118,13 +120,14 @@ def setup_frozen(args, dist, out, records, crops, sources, text_dtype):
         compute_stats(dist, records, range(n), crops, frozen.encode_images, cache,
                       args.micro_batch, paths["stats"])
     dist.log(f"latent statistics: {paths['stats']}")
-    stats = load_latent_stats(paths["stats"], channels=frozen.widths(cache)[0])
+    latent_channels, text_dim = frozen.widths(cache)
+    stats = load_latent_stats(paths["stats"], channels=latent_channels)
     if cache is not None:
         frozen.free()
     if not paths["autoencoder"]:
         dist.log("note: no --autoencoder: sampling from these checkpoints will need --autoencoder "
                  "(the decoder)")
-    return frozen, cache, stats
+    return frozen, cache, stats, text_dim
 
 
 def frozen_paths(args, dist, out, records, sources):
@@ -238,7 +241,7 @@ def relative_to_run(path, out):
     return os.path.join("..", os.path.relpath(path, out)) if inside else path
 
 
-def run_json(args, paths, config):
+def dit_run_record(args, paths, config):
     """What each checkpoint's run.json records (besides its step): the frozen parts and the
     statistics (relative_to_run), the resolution and stage, the model, every argument."""
     frozen = {k: paths[k] and relative_to_run(paths[k], args.out) for k in FROZEN + ("stats",)}

@@ -370,9 +370,10 @@ def edit_inputs(args, prompts):
     prompts, pairs = pair_edits(prompts, pairs)
     edit = dict(init_images=[image for _, image in pairs],
                 strength=EDIT_STRENGTH if args.strength is None else args.strength)
-    check_strength(edit["strength"])
     if args.mask:
         edit["mask"] = read_image(args.mask, "L")
+    check_strength(edit["strength"])
+    if args.mask:
         check_masks(edit["init_images"], [edit["mask"]] * len(pairs))
     return prompts, [path for path, _ in pairs], edit
 
@@ -383,11 +384,10 @@ def edit_inputs(args, prompts):
 
 @dataclass
 class Job:
-    """One image of the run: its number k (image k starts from noise seeded seed + k), the prompt
-    it draws (index in the prompt list, and which sample of it), its file and its PNG metadata."""
-    k: int
+    """One image of the run: the prompt it draws (and its index in the prompt list), its file, its
+    seed (image k = prompt index * n + sample starts from noise seeded seed + k) and its PNG
+    metadata."""
     prompt_index: int
-    sample: int
     prompt: str
     path: str
     seed: int
@@ -453,7 +453,7 @@ def plan_images(args, ckpt, dtype, height, width):
                     ckpt="toy" if args.toy and not args.ckpt else ckpt)
     if edit:
         settings.update(strength=edit["strength"], **({"mask": args.mask} if args.mask else {}))
-    jobs = [Job(i * n + j, i, j, prompts[i], paths[(i, j)], seed + i * n + j,
+    jobs = [Job(i, prompts[i], paths[(i, j)], seed + i * n + j,
                 dict(prompt=prompts[i], seed=seed + i * n + j, **settings,
                      **({"init_image": init_paths[i]} if init_paths else {})))
             for i in range(args.start, end) for j in range(n)]

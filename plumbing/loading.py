@@ -23,7 +23,7 @@ from dinov3 import DINOv3, dinov3_keymap, dinov3_official_state_dict
 from gemma2 import Gemma2, Gemma2Config, Gemma2Tokenizer, gemma2_keymap
 from nextdit import NextDiT, NextDiTConfig, nextdit_keymap
 from plumbing import UsageError
-from plumbing.files import listing, read_json, read_state_dict, read_torch, sub_state_dict
+from plumbing.files import key_mismatch, read_json, read_state_dict, read_torch, sub_state_dict
 from plumbing.release import (DOWNLOAD_HINT, LIN_FILE, NEXTDIT_FILES, VGG_FILE, autoencoder_file,
                               find_weights)
 from svgt2i import Autoencoder, LatentStats, TextEncoder
@@ -38,16 +38,9 @@ def build(model_class, config, sd, source, prefix="", device="cpu", dtype=torch.
     model in eval mode."""
     with torch.device("meta"):
         model = model_class(config)
-    expected = model.state_dict()
-    missing = [prefix + k for k in missing] + [prefix + k for k in expected if k not in sd]
-    unexpected = [prefix + k for k in sd if k not in expected]
-    misshaped = [f"{prefix}{k} {list(v.shape)} vs {list(expected[k].shape)}" for k, v in sd.items()
-                 if k in expected and v.shape != expected[k].shape]
-    if missing or unexpected or misshaped:
-        problems = (("missing", missing), ("unexpected", unexpected),
-                    ("wrong shape (file vs model)", misshaped))
-        listed = "; ".join(f"{what}: {listing(names)}" for what, names in problems if names)
-        raise ValueError(f"{source}: {model_class.__name__} weights do not match: {listed}")
+    problems = key_mismatch(model.state_dict(), sd, prefix, missing)
+    if problems:
+        raise ValueError(f"{source}: {model_class.__name__} weights do not match: {problems}")
 
     def cast(k, v):
         if not v.is_floating_point() or dtype is None:

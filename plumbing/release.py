@@ -123,7 +123,7 @@ def find_weights(ckpt_dir, gemma_dir=None, dit=None, autoencoder=None, dinov3=No
     given = {"dit": dit, "autoencoder": autoencoder, "dinov3": dinov3, "stats": stats,
              "gemma": gemma_dir}
     found = {key: given[key] or first_match(ckpt_dir, FILES[key], unique=key == "dit")
-             or run.get(key) for key in FILES}     # (run.json records no DiT)
+             or (run.get(key) if key != "dit" else None) for key in FILES}   # (a DiT: never)
     for key, path in found.items():
         gone = path is not None and not os.path.exists(path)
         # a gone record of a part this command does not need (e.g. DINOv3 when the autoencoder

@@ -28,10 +28,9 @@ import torch
 import torch.distributed as torch_dist
 
 from data import Positions, collate, load_bucket_crop
-from plumbing.files import describe
 from plumbing import UsageError
 from plumbing.cli import pick_device
-from plumbing.files import atomic_write, listing
+from plumbing.files import atomic_write, describe, key_mismatch
 from plumbing.sharding import local_shard, sharded_problem
 
 
@@ -377,13 +376,9 @@ def load_fitting(model, sd, source, dist):
 def load_exactly(model, sd, problem):
     """--resume: every tensor of the model with its shape and nothing else, or the UsageError
     `problem` listing what does not fit."""
-    own = model.state_dict()
-    wrong = (("missing", [k for k in own if k not in sd]),
-             ("unexpected", [k for k in sd if k not in own]),
-             ("mis-shaped", [k for k in sd if k in own and sd[k].shape != own[k].shape]))
-    if any(keys for _, keys in wrong):
-        raise UsageError(f"{problem} (" + "; ".join(f"{what}: {listing(keys)}" for what, keys
-                                                    in wrong if keys) + ")")
+    problems = key_mismatch(model.state_dict(), sd)
+    if problems:
+        raise UsageError(f"{problem} ({problems})")
     model.load_state_dict(sd, strict=True)
 
 
@@ -563,6 +558,7 @@ class Meter:
 
     def __init__(self, dist, names, steps, global_batch, peak=None):
         self.dist, self.names, self.peak = dist, list(names), peak
+        self.column = {name: j for j, name in enumerate(self.names)}
         self.total_steps, self.global_batch = steps, global_batch
         self.t_start = time.time()
         self.reset()
@@ -575,7 +571,7 @@ class Meter:
         """Values [any shape] of named terms: each element counts once in its term's mean."""
         for name, v in values.items():
             v = v.detach().double().flatten().cpu()
-            j = self.names.index(name)
+            j = self.column[name]       # (an unknown name is a KeyError: a bug, not bad input)
             self.sums[0, j] += v.sum()
             self.sums[1, j] += v.numel()
 
@@ -690,17 +686,17 @@ def evaluate_autoencoder(args, metrics):
     images are skipped with a warning and counted. Printed, and recorded in the run.json of a
     checkpoint folder of ours (record_eval). Returns the result."""
     from data import eval_crop, open_records
-    from plumbing.files import read_image, read_state_dict
-    from plumbing.loading import dinov3_file, load_autoencoder, load_lpips
+    from plumbing.files import open_image, read_state_dict
+    from plumbing.loading import load_autoencoder, load_lpips
     from plumbing.release import autoencoder_file
     dist = Dist.start(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     path = autoencoder_file(args.ckpt, "--ckpt")
-    source = read_state_dict(path)
-    ae = load_autoencoder(path, dinov3_path=dinov3_file(args.dinov3, source, path, "--ckpt"),
-                          device=dist.device)
-    lpips = (load_lpips(args.vgg, args.lpips, source, path, dist.device)
+    ae = load_autoencoder(path, dinov3_path=args.dinov3, device=dist.device)
+    if ae.encoder is None:
+        raise UsageError(f"--ckpt {path} holds no encoder.*: pass --dinov3")
+    lpips = (load_lpips(args.vgg, args.lpips, read_state_dict(path), path, dist.device)
              if args.perceptual_weight > 0 else None)
     records, t0 = open_records(args.data), time.time()
     n = min(len(records), args.limit or len(records))
@@ -711,7 +707,7 @@ def evaluate_autoencoder(args, metrics):
         images = []
         for i in mine[start:start + batch]:
             try:
-                images.append(eval_crop(read_image(records[i]["path"]), args.eval_resolution))
+                images.append(eval_crop(open_image(records[i]["path"]), args.eval_resolution))
             except Exception as e:
                 dist.warn(f"warning: eval skips {records.where(i)} ({describe(e)})")
                 sums[4] += 1
