@@ -100,13 +100,13 @@ def test_to_rgb_scales_deep_grey_images_by_their_range(make, expected):
 
 
 def test_sampling_reads_an_image_file_as_training_does(tmp_path):
-    """sample.py's init images and --reconstruct (files.read_image) and the trainers (files.read_image) read a
-    16-bit grey scan and a transparent image the same, by to_rgb."""
+    """sample.py's init images and --reconstruct (files.read_image) and the trainers' data sets (data.py's
+    open_image) read a 16-bit grey scan and a transparent image the same, by to_rgb."""
     deep, clear = tmp_path / "deep.png", tmp_path / "clear.png"
     Image.fromarray(np.array([[0, 65535, 32768]], dtype=np.uint16)).save(deep)
     Image.new("RGBA", (2, 1), (200, 10, 10, 0)).save(clear)
     for f, expected in ((deep, [(0, 0, 0), (255, 255, 255), (128, 128, 128)]), (clear, [(255, 255, 255)] * 2)):
-        a, b = files.read_image(str(f)), files.read_image(str(f))
+        a, b = files.read_image(str(f)), data.open_image(str(f))
         assert [a.getpixel((x, 0)) for x in range(a.width)] == expected == [b.getpixel((x, 0)) for x in range(b.width)]
     assert files.read_image(str(clear), "L").mode == "L"             # masks keep PIL's conversion
 
@@ -172,4 +172,4 @@ def test_image_folder_is_recursive_sorted_and_skips_other_files(tmp_path):
     with pytest.raises(ValueError, match="no image files"):
         data.ImageFolder(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="3 records in a row"):                 # nothing readable: an error
-        data.first_readable(f, 0, lambda i: files.read_image(f[i]["path"]), tries=3)
+        data.first_readable(f, 0, lambda i: data.open_image(f[i]["path"]), tries=3)
