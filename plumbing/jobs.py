@@ -187,18 +187,12 @@ def resolve_settings(args, ckpt):
     prompt. Returns the image (height, width): --h/--w, else the checkpoint's resolution, else
     1024."""
     from plumbing.enhancer import ENHANCE_SYSTEM_PROMPT
-    from plumbing.release import checkpoint_folder
+    from plumbing.release import checkpoint_folder, read_run_json
     from svgt2i import Sampling
 
     if args.enhance and args.system_prompt is None:
         args.system_prompt = ENHANCE_SYSTEM_PROMPT
-    run_info = {}
-    run_json = os.path.join(checkpoint_folder(ckpt), "run.json")
-    if os.path.isfile(run_json):
-        try:
-            run_info = json.loads(Path(run_json).read_text())
-        except ValueError as e:
-            raise UsageError(f"{run_json}: not valid JSON ({e})") from None
+    run_info = read_run_json(checkpoint_folder(ckpt))
     for k, v in {**vars(Sampling()), **run_info.get("sample", {})}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)

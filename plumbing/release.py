@@ -88,18 +88,27 @@ def checkpoint_folder(path):
     return path
 
 
-def recorded_parts(folder):
-    """The frozen parts a checkpoint of ours was trained with, as its run.json records them
-    ({"autoencoder": path, ...}; a relative path is relative to the checkpoint, so a run that is
-    moved whole still finds what lies inside it); {} without a run.json."""
+def read_run_json(folder):
+    """The run.json of a checkpoint folder of ours (a JSON object), or {} where there is none
+    (the official release has none)."""
     f = os.path.join(folder, "run.json")
     if not os.path.isfile(f):
         return {}
     try:
         with open(f) as fh:
-            frozen = json.load(fh).get("frozen", {})
-    except (ValueError, AttributeError) as e:
+            run = json.load(fh)
+        if not isinstance(run, dict):
+            raise ValueError(f"a JSON {type(run).__name__}, not an object")
+    except ValueError as e:
         raise ValueError(f"{f}: not a valid run.json ({type(e).__name__}: {e})") from None
+    return run
+
+
+def recorded_parts(folder):
+    """The frozen parts a checkpoint of ours was trained with, as its run.json records them
+    ({"autoencoder": path, ...}; a relative path is relative to the checkpoint, so a run that is
+    moved whole still finds what lies inside it); {} without a run.json."""
+    frozen = read_run_json(folder).get("frozen", {})
     return {k: os.path.normpath(os.path.join(folder, v)) for k, v in frozen.items()
             if isinstance(v, str) and v}
 
