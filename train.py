@@ -42,6 +42,7 @@ DDP by default, and gradients reduced in fp32 under --parallel fsdp.
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import time
 
@@ -54,10 +55,10 @@ from plumbing.cli import HelpFormatter, add_system_args, check_train_args, comma
 from plumbing.files import read_state_dict
 from plumbing.frozen import dit_run_record, setup_frozen
 from plumbing.release import DIT_CHECKPOINT_FILES, init_weights_file
-from plumbing.runs import (Dist, Meter, batch_plan, check_replicas, checkpoint_to_resume,
-                           data_stream, end_of_run, end_of_step, fmt_time, load_fitting, open_run,
-                           peak_flops, restore_state, stop_on_signals, warn_skipped, wrap_ddp,
-                           write_checkpoint)
+from plumbing.runs import (Dist, Meter, batch_plan, check_finite, check_replicas,
+                           checkpoint_to_resume, data_stream, end_of_run, end_of_step, fmt_time,
+                           load_fitting, open_run, peak_flops, restore_state, stop_on_signals,
+                           warn_skipped, wrap_ddp, write_checkpoint)
 from plumbing.sharding import (parallel_plan, read_model_ema_optimizer, shard,
                                write_model_ema_optimizer)
 from svgt2i import SYSTEM_PROMPTS, flow_matching_loss, sample_training_t, training_shift
@@ -135,7 +136,8 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=float,
                    help="AdamW learning rate, constant (default 2e-4; --model toy: 1e-3)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--grad-clip", type=float, default=2.0, help="max global gradient norm")
+    g.add_argument("--grad-clip", type=float, default=2.0,
+                   help="max global gradient norm (0: no clipping)")
     g.add_argument("--ema-decay", type=float, help="EMA decay (default 0.9999; --model toy: "
                    "0.999; the official trainer: 0.95)")
     g.add_argument("--no-ema-warmup", dest="ema_warmup", action="store_false", help="use "
@@ -299,7 +301,7 @@ def report(dist, meter, out, args, step, skipped):
     by_t = [m[f"loss_t{b}"] for b in range(T_BINS)]
     rec = {"step": step, "loss": m["loss"], "loss_by_t": by_t, "grad_norm": m["grad_norm"],
            "images_per_s": m["images_per_s"], "mfu": m["mfu"], "lr": args.lr,
-           "skipped": m["skipped"], "bad_steps": m["bad_steps"], "elapsed_s": m["elapsed_s"]}
+           "skipped": m["skipped"], "elapsed_s": m["elapsed_s"]}
     bins = " ".join("-" if v is None else f"{v:.3f}" for v in by_t)
     mfu = "n/a" if m["mfu"] is None else f"{100 * m['mfu']:.1f}%"
     dist.record(out, f"step {step}/{args.steps} ({100 * step / args.steps:.1f}%) loss "
@@ -404,16 +406,13 @@ def train(args):
                 meter.flops += train_flops(config, cap_mask.sum(1).tolist(),
                                            [x[0].numel() for x in x1])
 
-            # AdamW and the EMA, unless the gradient is not finite (then on every rank alike: the
-            # gradients are all-reduced)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            if torch.isfinite(grad_norm):
-                opt.step()
-                update_ema(ema, model, ema_decay(args, ema_updates))
-                ema_updates += 1
-            else:
-                dist.log(f"warning: step {step + 1}: non-finite gradient norm, update skipped")
-                meter.bad_steps += 1
+            # AdamW (the gradient clipped; --grad-clip 0: not), then the EMA; a gradient that is not
+            # finite stops the run before its update
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf)
+            check_finite(step + 1, {"gradient norm": float(grad_norm)})
+            opt.step()
+            update_ema(ema, model, ema_decay(args, ema_updates))
+            ema_updates += 1
             step, position = step + 1, position + args.global_batch
             meter.step(float(grad_norm), time.time() - t0)
 

@@ -411,13 +411,17 @@ def train(args):
             real_and_fake = autoencoder_backward(micro, nets, ddp_model, factor, per_rank, args,
                                                  dist, meter)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                       args.grad_clip or math.inf)
+                                                       args.grad_clip or math.inf)   # 0: off
+            runs.check_finite(step + 1, {"gradient norm": float(grad_norm)})   # (else: stop)
             opt.step()
 
             # The discriminator's step, on the same images and their pre-update reconstructions
             if ddp_disc is not None:
                 opt_d.zero_grad(set_to_none=True)
                 discriminator_backward(real_and_fake, ddp_disc, factor, per_rank, dist, meter)
+                d_norm = torch.nn.utils.get_total_norm([p.grad for p in disc.parameters()
+                                                        if p.grad is not None])
+                runs.check_finite(step + 1, {"discriminator's gradient norm": float(d_norm)})
                 opt_d.step()
             step += 1
             position += args.global_batch

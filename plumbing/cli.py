@@ -7,10 +7,18 @@ You need not read this to learn SVG-T2I.
 
 import argparse
 import contextlib
+import json
+import math
 import os
 import sys
 
 from plumbing import UsageError
+
+# Sizes no machine runs, refused before any work (the paper trains at up to 1024 px, with global
+# batches of up to 1536): a run asking for more is a typo, and would grow for minutes first
+MAX_RESOLUTION = 4096
+MAX_GLOBAL_BATCH = 65536
+MAX_MICRO_BATCH = 4096
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -31,7 +39,7 @@ def add_system_args(p):
     g.add_argument("--workers", type=int, default=None,
                    help="data loader processes per rank (default: up to 4)")
     g.add_argument("--threads", type=int, default=None,
-                   help="CPU threads per rank for torch (default: torch's choice)")
+                   help="CPU threads per rank for torch (default, 0: torch's choice)")
     g.add_argument("--save-every", type=int, default=None,
                    help="checkpoint interval in steps (default 2000)")
     g.add_argument("--keep", type=int, default=3, help="checkpoints to keep (0: all)")
@@ -40,14 +48,79 @@ def add_system_args(p):
     return g
 
 
+def check_run_numbers(args):
+    """The numbers both trainers share: every float finite, --grad-clip 0 (off) or positive,
+    counts in range, sizes a machine can run."""
+    for name, v in sorted(vars(args).items()):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UsageError(f"--{name.replace('_', '-')} {v}: must be a finite number")
+    if args.grad_clip < 0:
+        raise UsageError(f"--grad-clip {args.grad_clip}: the largest gradient norm must be "
+                         "positive (0: no clipping)")
+    if not 0 <= args.lr <= 1:
+        raise UsageError(f"--lr {args.lr}: Adam's step size must lie in [0, 1]")
+    for name, least in (("threads", 0), ("workers", 0), ("keep", 0), ("micro_batch", 1)):
+        v = getattr(args, name)
+        if v is not None and v < least:
+            raise UsageError(f"--{name.replace('_', '-')} {v}: must be at least {least}")
+    for name, most in (("resolution", MAX_RESOLUTION), ("global_batch", MAX_GLOBAL_BATCH),
+                       ("micro_batch", MAX_MICRO_BATCH)):
+        v = getattr(args, name)
+        if v is not None and v > most:
+            raise UsageError(f"--{name.replace('_', '-')} {v}: at most {most} (no machine runs "
+                             "more)")
+
+
+def check_config(base, overrides, flag, build, fixed=()):
+    """A --*-config JSON object of overrides of the config `base`: known fields (not `fixed`), each
+    of its default's type (ints at least 1, or 0 for a count of blocks; tuples of positive ints),
+    and a model build(config) can make (built on the meta device: no memory). Returns them."""
+    import dataclasses
+
+    import torch
+    cls = type(base)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown, taken = sorted(set(overrides) - set(fields)), sorted(set(overrides) & set(fixed))
+    if unknown:
+        raise UsageError(f"{flag}: unknown {cls.__name__} fields {unknown}")
+    if taken:
+        raise UsageError(f"{flag}: {cls.__name__} fields {taken} follow the frozen encoders: "
+                         "leave them out")
+    for name, v in overrides.items():
+        default = fields[name].default
+        least = 0 if "res_blocks" in name or "refiner" in name else 1
+        ok = (isinstance(v, int) and not isinstance(v, bool) and v >= least
+              if isinstance(default, int) else
+              isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+              if isinstance(default, float) else
+              isinstance(v, list) and len(v) > 0 and all(
+                  isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
+              if isinstance(default, tuple) else True)
+        if not ok:
+            kind = ("a whole number >= {}".format(least) if isinstance(default, int) else
+                    "a positive number" if isinstance(default, float) else
+                    "a non-empty list of positive whole numbers")
+            raise UsageError(f"{flag}: {name} {json.dumps(v)}: must be {kind} (default "
+                             f"{json.dumps(default)})")
+    try:
+        with torch.device("meta"):
+            build(dataclasses.replace(base, **overrides))
+    except Exception as e:
+        raise UsageError(f"{flag} {json.dumps(overrides)}: no model of that shape "
+                         f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
+                         ) from None
+    return overrides
+
+
 @contextlib.contextmanager
 def command_line(name):
-    """The entry points' error rule: bad input (UsageError, ValueError, FileNotFoundError) is one
-    line `NAME: error: ...` on stderr (rank-prefixed under torchrun; a usage error, which every
-    rank meets, said by rank 0 only) and exit code 2; the process group is closed either way."""
+    """The entry points' error rule: bad input (UsageError, ValueError, any OSError: a missing
+    file, a full disk) is one line `NAME: error: ...` on stderr (rank-prefixed under torchrun; a
+    usage error, which every rank meets, said by rank 0 only) and exit code 2; the process group
+    is closed either way."""
     try:
         yield
-    except (UsageError, ValueError, FileNotFoundError) as e:
+    except (UsageError, ValueError, OSError) as e:
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         if rank == 0 or not isinstance(e, UsageError):   # every rank has a usage error: say it once
             prefix = f"[rank {rank}] " if world > 1 else ""
@@ -75,9 +148,7 @@ def check_train_args(args, stages):
     """train.py's flags, checked once, here where they enter (its stage preset already filled in):
     --caption-ratios becomes a tuple, --model-config a dict of NextDiTConfig fields, paths
     absolute. Each bad value is a one-line UsageError."""
-    import dataclasses
-
-    from nextdit import PRESETS, NextDiTConfig
+    from nextdit import PRESETS, NextDiT, NextDiTConfig
     from plumbing.files import json_object
     if not args.data or not args.out:
         raise UsageError("--data FILE.jsonl and --out DIR are required (the toy model: python "
@@ -111,10 +182,9 @@ def check_train_args(args, stages):
     if args.model_config is not None:        # (run.json records None when not given)
         args.model_config = json_object(args.model_config, "--model-config",
                                         "NextDiTConfig fields, e.g. '{\"n_layers\": 8}'")
-    fields = {f.name for f in dataclasses.fields(NextDiTConfig)}
-    unknown = sorted(set(args.model_config or {}) - fields)
-    if unknown:
-        raise UsageError(f"--model-config: unknown NextDiTConfig fields {unknown}")
+    check_run_numbers(args)
+    check_config(NextDiTConfig.from_name(args.model), args.model_config or {}, "--model-config",
+                 NextDiT, fixed=("in_channels", "cap_feat_dim"))     # (they follow the encoders)
     return absolute_paths(args, ("data", "out", "autoencoder", "dinov3", "gemma", "stats", "cache",
                                  "init_from"))
 
@@ -123,9 +193,8 @@ def check_autoencoder_args(args, stages, recipe):
     """train_autoencoder.py's flags: those left unset take the stage's preset and the recipe; then
     each is checked once, here where it enters (one-line UsageErrors); --decoder-config and
     --residual-config become dicts of their config's fields; paths absolute."""
-    import dataclasses
-
-    from decoder import DecoderConfig, ResidualViTConfig
+    from data import crops_for
+    from decoder import Decoder, DecoderConfig, ResidualViT, ResidualViTConfig
     from plumbing.files import json_object
     if args.eval and (not args.data or not args.ckpt):
         raise UsageError("--eval needs --data (a folder or .jsonl of images) and --ckpt")
@@ -136,7 +205,7 @@ def check_autoencoder_args(args, stages, recipe):
     for k, v in dict(stages[args.stage], **recipe).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.resolution < 16 or args.resolution % 16:
+    if args.resolution % 16:
         raise UsageError(f"--resolution {args.resolution}: use a multiple of 16 (256, 512, 1024)")
     for name in ("steps", "global_batch", "save_every", "log_every", "limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -144,15 +213,18 @@ def check_autoencoder_args(args, stages, recipe):
     for name in ("perceptual_weight", "disc_weight", "disc_start", "stats_images", "lr"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must not be negative")
-    for name, cls in (("decoder_config", DecoderConfig), ("residual_config", ResidualViTConfig)):
+    check_run_numbers(args)
+    if args.resolution < 32 or (args.crops == "buckets" and min(map(min, crops_for(
+            args.resolution))) < 32):
+        raise UsageError(f"--resolution {args.resolution} --crops {args.crops}: the "
+                         "discriminator needs crops of at least 32 px a side: use --resolution "
+                         f">= {32 if args.crops == 'fixed' else 64}")
+    for name, base, build in (("decoder_config", DecoderConfig(), Decoder),
+                              ("residual_config", ResidualViTConfig(), ResidualViT)):
         flag = "--" + name.replace("_", "-")
         overrides = json_object(getattr(args, name), flag, "fields, e.g. '{\"ch\": 64}'")
         # z_channels follows the encoders
-        allowed = {f.name for f in dataclasses.fields(cls)} - {"z_channels"}
-        bad = sorted(set(overrides) - allowed)
-        if bad:
-            raise UsageError(f"{flag}: unknown or fixed {cls.__name__} fields {bad}")
-        setattr(args, name, overrides)
+        setattr(args, name, check_config(base, overrides, flag, build, fixed=("z_channels",)))
     return absolute_paths(args, ("data", "out", "init_from", "dinov3", "vgg", "lpips", "ckpt"))
 
 

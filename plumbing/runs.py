@@ -14,6 +14,7 @@ You need not read this to learn SVG-T2I.
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -148,6 +149,10 @@ def open_run(out, resume, dist):
     if dist.main:
         try:
             out.mkdir(parents=True, exist_ok=True)
+            links = [n for n in (".lock", "log.txt", "log.jsonl") if (out / n).is_symlink()]
+            if links:         # a run writes (appends to) these itself, never where a link points
+                raise UsageError(f"{out / links[0]} is a symbolic link: a run writes its own "
+                                 "files in --out; remove the link, or choose another --out")
             dist.lock = lock_folder(out)
             for stale in out.glob(".tmp*"):       # something being written when the last run died
                 shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
@@ -252,14 +257,23 @@ def checkpoint_to_resume(arg, out, files, warn=print):
     raise UsageError(f"--resume: no intact checkpoint in {run}: drop --resume to start again")
 
 
-def truncate_log(path, step):
+def truncate_log(path, step, warn=print):
     """Keep only the records of `path` (a .jsonl log) up to `step`: a resumed run logs the steps
-    after its checkpoint again."""
+    after its checkpoint again. A line that is not a JSON record (torn by a kill midway through
+    its write) is dropped, with a warning."""
     path = Path(path)
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+    if not path.is_file():
+        return
+    kept = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            record = None
+            warn(f"warning: {path}:{number}: not a whole JSON record (torn by a kill?): dropped")
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
 
 def gather_state(dist, counters, skipped, **extra):
@@ -283,7 +297,7 @@ def restore_state(folder, dist, log_jsonl):
         set_rng_state(state["rng"][dist.rank], dist.device)
         skipped = state["skipped"][dist.rank]
     if dist.main:
-        truncate_log(log_jsonl, state["step"])
+        truncate_log(log_jsonl, state["step"], dist.warn)
     dist.log(f"resumed from {folder} at step {state['step']}")
     return state, skipped
 
@@ -307,7 +321,12 @@ def write_checkpoint(dist, out, keep, counters, skipped, run_info, write_weights
             elif stats is not None:
                 torch.save(stats, folder / "latent_stats.pt")
             (folder / "run.json").write_text(json.dumps({**run_info, "step": step}, indent=1))
-    folder = publish_checkpoint(out, step, write, keep, dist)
+    try:
+        folder = publish_checkpoint(out, step, write, keep, dist)
+    except Exception as e:       # a full disk, a lost mount: one line (from each rank it failed on)
+        raise ValueError(f"cannot write the checkpoint of step {step} in {out} ({describe(e)}): "
+                         "the run stopped, its older checkpoints are intact: make room and go on "
+                         "with --resume") from None
     dist.log(f"saved {folder}")
 
 
@@ -394,7 +413,11 @@ def record_eval(run_json, result):
     run.setdefault("eval", {})[key] = {**result, "stage": run.get("stage"),
                                        "step": run.get("step")}
     text = json.dumps(run, indent=1)
-    atomic_write(run_json, lambda tmp: tmp.write_text(text))
+    try:
+        atomic_write(run_json, lambda tmp: tmp.write_text(text))
+    except OSError as e:        # a read-only run: the metrics were printed; say why not recorded
+        print(f"warning: the metrics are not recorded in {run_json} ({e.strerror or e})",
+              file=sys.stderr)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -544,6 +567,18 @@ def end_of_step(dist, args, step, stop, report, save):
     return stopping
 
 
+def check_finite(step, grad_norms):
+    """Stop a run at a step whose gradient norm (of each {name: norm}) is not finite, before its
+    update: a loss or weight gone NaN or infinite. Every rank stops alike (the norms are of the
+    all-reduced gradients), and nothing of the step is saved: no NaN run ends "done", and the
+    newest checkpoint stays the last good one."""
+    for name, norm in grad_norms.items():
+        if not math.isfinite(norm):
+            raise UsageError(f"step {step}: the {name} is {norm}: the run diverged and stopped, "
+                             "without saving; its newest checkpoint is the last good one: go on "
+                             "from it (--resume) with a lower --lr or a --grad-clip")
+
+
 def end_of_run(dist, step, args, t_start, out):
     """The last line of a run that reached its step count."""
     if step >= args.steps:
@@ -565,7 +600,7 @@ class Meter:
 
     def reset(self):
         self.sums = torch.zeros(2, len(self.names), dtype=torch.float64)     # sums, counts
-        self.steps, self.seconds, self.grad_norm, self.flops, self.bad_steps = 0, 0.0, 0.0, 0.0, 0
+        self.steps, self.seconds, self.grad_norm, self.flops = 0, 0.0, 0.0, 0.0
 
     def add(self, **values):
         """Values [any shape] of named terms: each element counts once in its term's mean."""
@@ -581,7 +616,7 @@ class Meter:
 
     def report(self, step, skipped):
         """{name: mean (None without values)}, grad_norm, images_per_s, mfu (None without a peak),
-        skipped (summed over ranks), bad_steps, eta_s and elapsed_s."""
+        skipped (summed over ranks), eta_s and elapsed_s."""
         extra = torch.tensor([self.flops, float(skipped)], dtype=torch.float64)
         vec = self.dist.all_reduce(torch.cat([self.sums.flatten(), extra]))
         sums = vec[:-2].view(2, -1)
@@ -591,7 +626,7 @@ class Meter:
         rec = {**means, "grad_norm": self.grad_norm / self.steps,
                "images_per_s": self.steps * self.global_batch / self.seconds,
                "mfu": flops_per_s / (self.peak * self.dist.world) if self.peak else None,
-               "skipped": int(vec[-1].item()), "bad_steps": self.bad_steps,
+               "skipped": int(vec[-1].item()),
                "eta_s": (self.total_steps - step) * self.seconds / self.steps,
                "elapsed_s": time.time() - self.t_start}
         self.reset()

@@ -32,8 +32,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")     # conftest.py: tiny runs,
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("train"))
+
+
+def make_world(root):
     """A 16-image data set of three aspect ratios, tiny frozen parts, and statistics computed by train.py."""
-    root = tmp_path_factory.mktemp("train")
     data, texts = write_dataset(root / "data", n=16)
     frozen = write_tiny_frozen(root / "frozen", texts)
     w = {"root": root, "data": data, **frozen}
