@@ -3,7 +3,10 @@ killed run resumes bit for bit, checkpoints resume across world sizes (2 -> 1, 1
 DDP -> FSDP on an HSDP mesh) on the same data, a damaged shard is passed over, sample.py reads an FSDP run, HSDP
 replicas are compared within each shard, and the new flags fail in one line."""
 
+import io
 import json
+import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -239,6 +242,62 @@ def test_damaged_dcp_metadata_and_parallel_errors(world, trained, tmp_path, caps
     args.hsdp_shard, args.shard_text_encoder, args.cache = None, True, "cache"
     with pytest.raises(train.UsageError, match="--shard-text-encoder cannot fill a --cache"):
         sharding.parallel_plan(args, runs.Dist(world=2))
+
+
+class Payload:
+    """What an attacker pickles: unpickling it calls os.system, which creates `marker`."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def plant_in_metadata(dcp, marker):
+    (dcp / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+
+
+def plant_in_shard(dcp, marker):
+    """AdamW's lr, a non-tensor value torch's planner would torch.load with weights_only=False,
+    replaced by the payload: appended to a shard, the (otherwise genuine) metadata pointed at it."""
+    meta = sharding.read_dcp_metadata(dcp)
+    key = next(k for k in meta.storage_data if k.fqn == "optim.param_groups.0.lr")
+    info, blob = meta.storage_data[key], io.BytesIO()
+    torch.save(Payload(marker), blob)
+    shard = dcp / info.relative_path
+    info.offset, info.length = shard.stat().st_size, len(blob.getvalue())
+    with open(shard, "ab") as f:
+        f.write(blob.getvalue())
+    (dcp / ".metadata").write_bytes(pickle.dumps(meta))
+
+
+@pytest.mark.parametrize("plant", [plant_in_metadata, plant_in_shard])
+def test_a_planted_pickle_in_a_sharded_checkpoint_never_runs(world, trained, tmp_path, capsys, plant):
+    """torch's reader unpickles dcp/.metadata and torch.loads the shards' non-tensor values with
+    weights_only=False: a planted payload ran on --resume (the check ran it first). Both are refused
+    in one line naming the file, and the payload never runs: not in the check, not in the load."""
+    ckpt, marker = tmp_path / "ckpt", tmp_path / "payload-ran"
+    shutil.copytree(trained["fsdp"] / "ckpt-0000003", ckpt)
+    assert runs.checkpoint_problem(ckpt, release.DIT_CHECKPOINT_FILES) is None
+    plant(ckpt / "dcp", marker)
+    with pytest.raises(SystemExit) as e:
+        train.main(args_for(world, tmp_path / "out", "--resume", str(ckpt)))
+    err = capsys.readouterr().err.strip()
+    if plant is plant_in_metadata:       # refused by the check: an error, not "corrupt", not passed over
+        want = f"{ckpt / 'dcp' / '.metadata'} names posix.system, which a checkpoint's metadata never holds"
+        with pytest.raises(train.UsageError, match=re.escape(want)):
+            runs.checkpoint_problem(ckpt, release.DIT_CHECKPOINT_FILES)
+        model = torch.nn.Linear(2, 2)                          # and by the loader on its own
+        with pytest.raises(train.UsageError, match=re.escape(want)):
+            sharding.load_sharded(ckpt / "dcp", model, torch.optim.AdamW(model.parameters()))
+    else:                                # the check reads no values: the load refuses it
+        want = (f"{ckpt / 'dcp'}: the value optim.param_groups.0.lr in its shards holds Python objects "
+                "(torch refused GLOBAL posix.system)")
+        assert runs.checkpoint_problem(ckpt, release.DIT_CHECKPOINT_FILES) is None
+    assert e.value.code == 2 and want in err and len(err.splitlines()) == 1, err
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(Payload(marker)))       # the test's own control: the payload does run
+    assert marker.exists()
 
 
 def test_shard_gathers_bf16_reduces_fp32_and_composes_with_checkpointing():
