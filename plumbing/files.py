@@ -8,6 +8,7 @@ You need not read this to learn SVG-T2I.
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -88,16 +89,24 @@ def read_torch(path):
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             error = e
-    refused = [line.strip() for line in str(error).splitlines() if "Unsupported global" in line]
+    refused = refused_global(error)
     if refused:   # a checkpoint that pickles Python objects next to its tensors: never run those
-        raise ValueError(f"{path} holds Python objects besides tensors "
-                         f"({refused[0].split('. ')[0]}); if you trust the file, re-save only its "
-                         "weights: torch.save(torch.load(path, weights_only=False)['state_dict'], "
-                         "'weights.pth')") from None
+        raise ValueError(f"{path} holds Python objects besides tensors (torch refused {refused}); "
+                         "if you trust the file, re-save only its weights: torch.save(torch.load("
+                         "path, weights_only=False)['state_dict'], 'weights.pth')") from None
     zip_error = str(error).split(". ")[0] if "PytorchStreamReader" in str(error) else ""
     detail = f" ({zip_error})" if zip_error else ""
     raise ValueError(f"{path}: cannot read checkpoint: not a torch checkpoint, or corrupt or "
                      f"truncated{detail}") from None
+
+
+def refused_global(error):
+    """What a weights_only torch.load refused, e.g. "GLOBAL posix.system", or None when `error` is
+    no such refusal. torch words it differently across versions and causes ("Unsupported global:
+    GLOBAL a.B was not an allowed global", "Trying to load unsupported GLOBAL posix.system whose
+    module posix is blocked"), so the match ignores case and wording around the name."""
+    found = re.search(r"unsupported global:?\s*(?:global\s+)?([\w.]+)", str(error), re.I)
+    return f"GLOBAL {found.group(1)}" if found else None
 
 
 def read_safetensors(path):

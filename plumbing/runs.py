@@ -228,6 +228,8 @@ def checkpoint_problem(folder, files):
                 json.loads(f.read_text())
             else:
                 torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+        except UsageError:
+            raise                                       # a planted file: refused, not passed over
         except Exception as e:
             return f"{name} is corrupt or truncated ({type(e).__name__})"
     return None

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as torch_dist
 
 from plumbing import UsageError
+from plumbing.files import first_line, refused_global
 
 
 def parallel_plan(args, dist):
@@ -66,8 +67,16 @@ def shard(model, blocks, mesh, bf16=False, forward_methods=()):
     # default casts every input to bf16: t before its sinusoid, and the joint residual stream)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                               cast_forward_inputs=False) if bf16 else MixedPrecisionPolicy()
-    for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fp32 = MixedPrecisionPolicy(cast_forward_inputs=False)
+    for part in [*blocks, None]:
+        # autocast computes matmuls and convolutions in bf16 and leaves every other weight fp32
+        # (RMSNorm's): those are gathered in fp32, as one group per block, so FSDP computes
+        # what DDP does (a bf16 gather of every weight moved 6 steps of the tiny run by 3e-4)
+        kept = autocast_fp32_modules(part or model, skip=() if part else blocks)
+        if bf16 and kept:
+            fully_shard(kept, mesh=mesh, mp_policy=fp32)
+        if part is not None:
+            fully_shard(part, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     for name in forward_methods:
         register_fsdp_forward_method(model, name)
@@ -75,6 +84,15 @@ def shard(model, blocks, mesh, bf16=False, forward_methods=()):
     # an in-place op on them; the trainers' losses never modify a model's output in place
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     return model
+
+
+def autocast_fp32_modules(root, skip=()):
+    """The modules under `root` (not under those in `skip`) that hold parameters autocast keeps
+    fp32: every one with weights of its own except linear layers and convolutions."""
+    inside = {id(m) for b in skip for m in b.modules()}
+    matmul = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
+    return [m for m in root.modules() if id(m) not in inside and not isinstance(m, matmul)
+            and any(True for _ in m.parameters(recurse=False))]
 
 
 def local_shard(t):
@@ -173,10 +191,12 @@ def load_sharded(folder, model, opt, **extra):
     resharded to this run's layout (full tensors for a model that is not sharded). Collective."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    read_dcp_metadata(folder)       # a refused .metadata is its own one-line error, before dcp
     msd, osd = get_state_dict(model, opt)    # the template (a fresh optimizer gets its state)
     sd = {"model": msd, "optim": osd, **extra}
     with plain_dcp():
-        dcp.load(sd, checkpoint_id=str(folder), no_dist=not torch_dist.is_initialized())
+        dcp.load(sd, storage_reader=safe_reader(folder), planner=safe_planner(folder),
+                 no_dist=not torch_dist.is_initialized())
     set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
 
@@ -191,15 +211,106 @@ def plain_dcp():
             yield
     except CheckpointException as e:
         error = next(iter(e.failures.values()))[0]
+        if isinstance(error, UsageError):         # a refused file: its own message
+            raise error from None
         raise ValueError(f"{type(error).__name__}: {error}") from None
+
+
+# -------------------------------------------------------------------------------------------------
+# Reading a DCP folder without running it. torch's FileSystemReader unpickles .metadata and its
+# default planner torch.loads the non-tensor values of the shards (AdamW's lr, betas, ...) with
+# weights_only=False: a planted file would run code on --resume. Ours admit only what
+# save_sharded writes.
+
+def metadata_globals():
+    """{(module, name): object}: every global a .metadata written by save_sharded names (found by
+    recording the unpickler on real checkpoints): DCP's metadata dataclasses and enums, its
+    storage record, torch.Size, dtypes, layouts by name, and the checkpoint's path."""
+    import dataclasses
+    import enum
+    import pathlib
+
+    import torch.distributed.checkpoint.metadata as meta
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    allowed = {(v.__module__, v.__name__): v for v in vars(meta).values()
+               if isinstance(v, type) and v.__module__ == meta.__name__
+               and (dataclasses.is_dataclass(v) or issubclass(v, enum.Enum))}
+    allowed.update({("torch", n): v for n, v in vars(torch).items() if isinstance(v, torch.dtype)})
+    for cls in (_StorageInfo, pathlib.PosixPath, pathlib.PurePosixPath):
+        allowed[cls.__module__, cls.__name__] = allowed["pathlib", cls.__name__] = cls
+    allowed["torch", "Size"] = torch.Size
+    allowed["torch.serialization", "_get_layout"] = torch.serialization._get_layout  # a lookup
+    return allowed
+
+
+def read_dcp_metadata(folder, load_id=None):
+    """A DCP folder's .metadata, unpickled with only metadata_globals: anything else (a planted
+    os.system, ...) is a UsageError naming the file, raised before that global is even looked up;
+    unreadable data is the pickle error."""
+    import io
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+    path = Path(folder) / ".metadata"
+    allowed = metadata_globals()
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) not in allowed:
+                raise UsageError(f"{path} names {module}.{name}, which a checkpoint's metadata "
+                                 "never holds: refused unread (the file may have been planted); "
+                                 "delete this checkpoint, or resume from another")
+            return allowed[module, name]
+
+    meta = Restricted(io.BytesIO(path.read_bytes())).load()
+    if not isinstance(meta, Metadata):
+        raise ValueError(f"{path} holds a {type(meta).__name__}, not DCP metadata")
+    if getattr(meta, "storage_meta", None) is None:       # as torch's reader: older files lack it
+        meta.storage_meta = StorageMeta()
+    meta.storage_meta.load_id = load_id
+    return meta
+
+
+def safe_reader(folder):
+    """torch's FileSystemReader of `folder`, but reading .metadata with read_dcp_metadata."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):   # (no rank-local metadata: save_sharded's)
+            return read_dcp_metadata(self.path, self.load_id)
+
+    return SafeReader(str(folder))
+
+
+def safe_planner(folder):
+    """torch's DefaultLoadPlanner, but a non-tensor value of the shards must load with
+    weights_only=True (plain numbers, strings, tuples: what AdamW's param groups are) before
+    torch's own placement reads the same bytes: no other global is ever looked up."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            try:
+                torch.load(value, weights_only=True)
+            except Exception as e:
+                what = refused_global(e) or first_line(e)
+                raise UsageError(f"{folder}: the value {read_item.dest_index.fqn} in its shards "
+                                 f"holds Python objects (torch refused {what}): refused unread "
+                                 "(the file may have been planted); delete this checkpoint, or "
+                                 "resume from another") from None
+            value.seek(0)
+            super().load_bytes(read_item, value)
+
+    return SafePlanner()
 
 
 def sharded_problem(folder):
     """Why a torch.distributed.checkpoint folder cannot be trusted, or None: its metadata
     unreadable, a shard file it names missing or shorter than the bytes it claims there."""
-    from torch.distributed.checkpoint import FileSystemReader
     try:
-        meta = FileSystemReader(str(folder)).read_metadata()
+        meta = read_dcp_metadata(folder)
+    except UsageError:
+        raise                         # a planted file is refused outright, never passed over
     except Exception as e:
         return f".metadata is missing, corrupt or truncated ({type(e).__name__})"
     ends = {}

@@ -1,7 +1,9 @@
 """DINOv3 encoder and loader: official layouts, parity with transformers, RoPE by hand, bf16, bad input."""
 
+import argparse
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -10,6 +12,7 @@ from safetensors.torch import save_file
 
 import tiny_dinov3 as tiny
 from dinov3 import IMAGENET_MEAN, IMAGENET_STD, DINOv3, DINOv3Config, rope_rotate
+from plumbing.files import refused_global
 from plumbing.loading import dinov3_from_state_dict, load_dinov3
 
 SIZES = [(64, 64), (48, 80), (96, 32)]  # square, wide, tall: 16, 15 and 12 patches
@@ -274,6 +277,40 @@ def test_not_a_dinov3_checkpoint(tmp_path, kind, name, message):
     _write_not_dinov3(path, kind)
     with pytest.raises(ValueError, match=message):
         load_dinov3(path)
+
+
+class _Payload:
+    """Unpickling it calls os.system (a module torch blocks outright, refused in other words)."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("kind", ["payload", "namespace"])
+def test_a_checkpoint_of_python_objects_gets_the_friendly_message_and_never_runs(tmp_path, kind):
+    """torch words a refused global differently by version and by cause ("Unsupported global: GLOBAL
+    argparse.Namespace", "unsupported GLOBAL posix.system whose module posix is blocked"): both get
+    the message that says what to do, and the payload never runs."""
+    path, marker = tmp_path / "x.ckpt", tmp_path / "payload-ran"
+    hparams = _Payload(marker) if kind == "payload" else argparse.Namespace(lr=1e-4)
+    torch.save({"state_dict": {"encoder.cls_token": torch.zeros(1, 1, 4)}, "hparams": hparams}, path)
+    name = "posix.system" if kind == "payload" else "argparse.Namespace"
+    with pytest.raises(ValueError) as e:
+        load_dinov3(path)
+    assert str(e.value).startswith(f"{path} holds Python objects besides tensors (torch refused "
+                                   f"GLOBAL {name}); if you trust the file, re-save only its weights")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("text", [
+    "Weights only load failed. ...\n\nUnsupported global: GLOBAL a.B was not an allowed global by default.",
+    "Weights only load failed. ...\n\nTrying to load unsupported GLOBAL a.B whose module a is blocked.",
+    "Weights only load failed. ...\n\nunsupported global: global a.B"])
+def test_refused_global_reads_every_wording(text):
+    assert refused_global(RuntimeError(text)) == "GLOBAL a.B"
+    assert refused_global(RuntimeError("PytorchStreamReader failed reading zip archive")) is None
 
 
 def test_missing_file_or_folder(tmp_path):

@@ -29,7 +29,7 @@ from decoder import DecoderConfig, ResidualViT, ResidualViTConfig
 from tiny_autoencoder import write_lightning_ckpt
 from tiny_dinov3 import random_official_state_dict, write_official_pth
 from train_harness import instruments
-from train_helpers import DINO, write_dataset, write_tiny_gemma
+from train_helpers import DINO, adam_reach, write_dataset, write_tiny_gemma
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DECODER = DecoderConfig(z_channels=DINO.dim, ch=32, num_res_blocks=0)
@@ -448,17 +448,19 @@ def test_two_ddp_processes_match_one_process(world, tmp_path):
     """Micro-batches of one image: the adaptive weight and BatchNorm see the same images in both runs (1 process x
     4 micro-batches, 2 processes x 2), so the all-reduced gradients agree (the GAN on from the start, LPIPS on).
 
-    Compared is what is well conditioned. Step 1 starts from the same weights: its gradients differ by float noise
-    only (another summation order), so they are compared element by element. After an optimiser step that no longer
-    holds: Adam's first update, lr * g / (|g| + eps), turns the noise of gradients near eps into different updates
-    (up to 4e-6 here, in the decoder and the discriminator), and at step 2 LPIPS amplifies the tiny differences of
-    the reconstructions (3.8e-6): its unit-normalisation divides each feature vector by its norm over channels, which
-    is near zero at many positions of this tiny VGG (2 and 4 channels in its first stages; relu2_2's gradient moves
-    by 8e-4). Every gradient tensor of step 2 then differs by a few 1e-4 of its norm, evenly spread, and single
-    elements by far more than float noise (4 % of conv_in.weight's by up to 0.05). So from step 2 on the test
-    compares the logged terms, the gradient norm and each gradient tensor as a whole (the norm of the difference
-    against its own norm); a wrong reduction across ranks (a sum for a mean, a rank left out, another rank's images)
-    moves those by tens of per cent."""
+    Compared is what is well conditioned, so the test passes on any CPU and still fails for a wrong data split or
+    reduction (a sum for a mean, a rank left out, another rank's images: tens of per cent in the first gradient,
+    in the second step's losses and in its gradient as a whole).
+    - Step 1 starts from the same weights: its gradients differ by float noise only (another summation order),
+      so they are compared element by element, and its logged terms tightly.
+    - From then on single elements are not comparable. Adam's first update, lr * g / (|g| + eps), is lr * sign(g):
+      an element whose gradient is float noise (biases a GroupNorm or BatchNorm cancels) moves by lr with a random
+      sign, and LPIPS amplifies the tiny differences of the reconstructions that follow (its unit-normalisation
+      divides by feature norms near zero in this tiny VGG), so on some CPUs 4 % of conv_in.weight's step-2
+      gradient differ by up to 0.05. What stays well conditioned: the step-2 losses and gradient norm (scalars
+      of the whole batch, 1e-3; 2e-5 seen), the step-2 gradient as one vector (1e-2 of its norm; 3e-4 seen), and
+      every weight within twice what Adam can move it in two steps (train_helpers.adam_reach: 4.1 lr; attention
+      key biases and biases before a GroupNorm differ by up to 1.9 lr)."""
     extra = ["--disc-start", "0", "--micro-batch", "1"]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     single.mkdir()
@@ -468,32 +470,32 @@ def test_two_ddp_processes_match_one_process(world, tmp_path):
                 instrument=["--dump-grads"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "replicas identical on 2 ranks" in r.stdout
+    grads = {(run, step): load_file(str(run / f"grads-{step:07d}-rank0.safetensors"))
+             for run in (single, ddp) for step in (1, 2)}
     for step in (1, 2):
-        g1 = load_file(str(single / f"grads-{step:07d}-rank0.safetensors"))
-        g0, g0b = (load_file(str(ddp / f"grads-{step:07d}-rank{k}.safetensors")) for k in (0, 1))
-        assert g0.keys() == g1.keys() == g0b.keys() and len(g1) > 20
-        # float noise only (another summation order): biases before a GroupNorm have a gradient of ~0, and the
-        # adaptive weight (~200 here) multiplies rounding; so the absolute tolerance is relative to a typical element
-        rms = torch.cat([g.flatten() for g in g1.values()]).pow(2).mean().sqrt().item()
-        norm = torch.cat([g.flatten() for g in g1.values()]).norm().item()
-        for k in g1:
-            assert torch.equal(g0[k], g0b[k]), k
-            if step == 1:
-                torch.testing.assert_close(g0[k], g1[k], rtol=1e-4, atol=1e-3 * rms)
-            else:     # (the biases a GroupNorm or a softmax cancels have gradients of float noise: the 1e-6 floor)
-                assert (g0[k] - g1[k]).norm() <= 1e-2 * g1[k].norm() + 1e-6 * norm, k
+        g0b = load_file(str(ddp / f"grads-{step:07d}-rank1.safetensors"))
+        assert all(torch.equal(g0b[k], v) for k, v in grads[ddp, step].items())   # all-reduced: one gradient
+    g1, g0 = grads[single, 1], grads[ddp, 1]
+    assert g0.keys() == g1.keys() and len(g1) > 20
+    # float noise only: biases before a GroupNorm have a gradient of ~0, and the adaptive weight (~200 here)
+    # multiplies rounding; so the absolute tolerance is relative to a typical element
+    rms = torch.cat([g.flatten() for g in g1.values()]).pow(2).mean().sqrt().item()
+    for k in g1:
+        torch.testing.assert_close(g0[k], g1[k], rtol=1e-4, atol=1e-3 * rms)
+    g1, g0 = (torch.cat([g.flatten() for g in grads[run, 2].values()]) for run in (single, ddp))
+    assert (g0 - g1).norm() <= 1e-2 * g1.norm()
     la, lb = log_records(single), log_records(ddp)
     assert [x["step"] for x in la] == [x["step"] for x in lb] == [1, 2]
     for x, y in zip(la, lb):
         for term in ("rec_loss", "p_loss", "g_loss", "d_weight", "disc_loss", "logits_real", "logits_fake",
                      "grad_norm"):
             assert y[term] == pytest.approx(x[term], rel=1e-3), (x["step"], term)
+    lr = float(args_for(world, ddp)[args_for(world, ddp).index("--lr") + 1])
     a, b = (load_file(str(ckpt(o, 2) / "autoencoder.safetensors")) for o in (single, ddp))
-    for k in a:
-        if k.startswith("loss.discriminator.") and "running" not in k and "tracked" not in k:
-            # the D step all-reduced as well (Adam moves every weight by ~lr = 1e-3 per step: a wrong reduction
-            # shows at that scale; near-zero gradients turn float noise into a few 1e-6)
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4)
+    trained = [k for k in a if a[k].is_floating_point() and "running" not in k]    # (BatchNorm's: per rank)
+    assert len(trained) > 20 and any(k.startswith("loss.discriminator.") for k in trained)
+    for k in trained:             # the decoder, and the discriminator's step (all-reduced as well)
+        assert (a[k] - b[k]).abs().max() <= 2 * adam_reach(T.ADAM_BETAS, 2, lr), k
 
 
 def test_residual_vit_starts_from_the_official_init():

@@ -98,3 +98,15 @@ def write_dataset(folder, n=16, seed=0, sizes=((128, 128), (240, 100), (100, 240
         for rec in lines:
             f.write(json.dumps(rec) + "\n")
     return path, texts + list(SYSTEM_PROMPTS.values())
+
+
+def adam_reach(betas, steps, lr):
+    """How far Adam (bias-corrected, no weight decay) can move one element in `steps` steps, whatever its
+    gradients: step t moves it by lr |m_t| / sqrt(v_t) * sqrt(1 - b2^t) / (1 - b1^t), and Cauchy-Schwarz on
+    m_t = (1 - b1) sum b1^i g_{t-i} against v_t = (1 - b2) sum b2^i g_{t-i}^2 gives |m_t| <= (1 - b1) /
+    sqrt(1 - b2) * sqrt(sum_{i<t} (b1^2 / b2)^i) * sqrt(v_t); so lr at step 1 (lr * sign(g)), about lr later.
+    Two runs from the same weights differ by at most twice this in any element: the bound for comparing weights
+    after steps whose gradients are float noise in places (Adam turns noise into a full step of either sign)."""
+    b1, b2 = betas
+    return lr * sum((1 - b1) / (1 - b2) ** 0.5 * sum((b1 * b1 / b2) ** i for i in range(t)) ** 0.5
+                    * (1 - b2 ** t) ** 0.5 / (1 - b1 ** t) for t in range(1, steps + 1))
