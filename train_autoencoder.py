@@ -67,7 +67,7 @@ STAGES = {
 }
 RECIPE = dict(lr=1e-4, perceptual_weight=1.0, disc_weight=0.5, disc_start=2500, save_every=2000,
               log_every=10, workers=min(4, os.cpu_count() or 1), threads=0, stats_images=10000)
-ADAM_BETAS = (0.5, 0.9)    # both optimisers; no weight decay, no schedule, no EMA, fp32
+ADAM_BETAS = (0.5, 0.9)    # both optimisers (--betas); no weight decay, no EMA, fp32
 # the terms a log line and a log.jsonl record average over their interval
 LOGGED = ("rec_loss", "p_loss", "g_loss", "d_weight", "disc_loss", "logits_real", "logits_fake")
 
@@ -203,15 +203,18 @@ class NLayerDiscriminator(nn.Module):
 # [b, 3, H, W] in [-1, 1] that went through the networks together.
 
 
-def reconstruction_loss(reals, recons, lpips, perceptual_weight, log=None):
+def reconstruction_loss(reals, recons, lpips, perceptual_weight, log=None, l2_weight=0.0):
     """Upstream's L_nll: sum over pixels of |x - x_hat| + w_p * LPIPS (LPIPS [b, 1, 1, 1] is
     broadcast over the pixels), divided by the number of images; per image this is
-    ||x - x_hat||_1 + w_p * 3HW * LPIPS, evaluated in that closed form. `log` gets rec_loss (mean
-    L1 per element), p_loss (mean LPIPS) and their image counts."""
+    ||x - x_hat||_1 + w_p * 3HW * LPIPS, evaluated in that closed form. --l2-weight adds
+    w_2 ||x - x_hat||_2^2 per image (not in the paper). `log` gets rec_loss (mean L1 per element),
+    p_loss (mean LPIPS) and their image counts."""
     total, l1s, ps = 0.0, [], []
     for x, r in zip(reals, recons):
         per_image = (x - r).abs().flatten(1).sum(1)                              # [b]
         l1s.append(per_image.detach() / x[0].numel())
+        if l2_weight > 0:
+            per_image = per_image + l2_weight * (x - r).square().flatten(1).sum(1)
         if perceptual_weight > 0:
             p = lpips(x, r).flatten()                                           # [b]
             per_image = per_image + perceptual_weight * x[0].numel() * p
@@ -255,7 +258,7 @@ def gan_factor(iteration, disc_start):
 def generator_loss(reals, recons, logits_fake, lpips, factor, last_layer, args):
     """L_AE = L_nll + d_w * f * L_G and its log. logits_fake None: no discriminator at all."""
     log = {}
-    nll = reconstruction_loss(reals, recons, lpips, args.perceptual_weight, log)
+    nll = reconstruction_loss(reals, recons, lpips, args.perceptual_weight, log, args.l2_weight)
     total, d_weight = nll, torch.zeros(())
     if logits_fake is not None:
         g_loss = generator_adv_loss(logits_fake)
@@ -372,8 +375,8 @@ def train(args):
     # Setup the networks and their optimisers
     nets, dino_path = build_networks(args, dist, source, source_path, resume_dir is not None)
     model, disc = nets.trained, nets.disc
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=ADAM_BETAS)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=ADAM_BETAS) if disc else None
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=args.betas)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=args.betas) if disc else None
 
     # Setup the run state: new, or resumed (counters, optimisers, every rank's generators)
     step = position = skipped = 0       # skipped: this rank's unreadable images
@@ -407,6 +410,8 @@ def train(args):
             skipped += runs.warn_skipped([it for m in micro for it in m], records, warned, dist)
 
             # The autoencoder's step: its gradient over the micro-batches, clipped, one Adam step
+            for group in [g for o in (opt, opt_d) if o is not None for g in o.param_groups]:
+                group.update(lr=lr_at(step, args), betas=args.betas)   # (a resumed run's too)
             opt.zero_grad(set_to_none=True)
             real_and_fake = autoencoder_backward(micro, nets, ddp_model, factor, per_rank, args,
                                                  dist, meter)
@@ -436,6 +441,14 @@ def train(args):
                 break
     runs.end_of_run(dist, step, args, meter.t_start, out)
     return out
+
+
+def lr_at(step, args):
+    """The lr of iteration `step` (0-based): constant (the paper's), or --lr-schedule cosine's
+    half cosine from --lr down to 0 at --steps."""
+    if args.lr_schedule == "constant":
+        return args.lr
+    return 0.5 * args.lr * (1 + math.cos(math.pi * step / args.steps))
 
 
 def autoencoder_backward(micro, nets, ddp_model, factor, per_rank, args, dist, meter):
@@ -609,6 +622,12 @@ def parse_args(argv=None):
     g.add_argument("--micro-batch", type=int,
                    help="images per forward pass per rank (default: the whole local batch)")
     g.add_argument("--lr", type=float, help="Adam lr of both optimisers (1e-4)")
+    g.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="constant (the paper's), or cosine: a half cosine from --lr to 0")
+    g.add_argument("--betas", default=",".join(map(str, ADAM_BETAS)),
+                   help="Adam's beta1,beta2 of both optimisers")
+    g.add_argument("--l2-weight", type=float, default=0.0, help="weight of a squared-error term "
+                   "summed over each image's pixels, as the L1 is (0: none, as the paper)")
     g.add_argument("--perceptual-weight", type=float,
                    help="LPIPS weight w_p (1.0); 0: no LPIPS (no VGG files needed)")
     g.add_argument("--disc-weight", type=float,

@@ -310,6 +310,20 @@ def test_reconstruction_loss_sums_pixels_per_image(tiny_lpips):
     assert T.reconstruction_loss([xb], [rb], None, 0.0).item() == pytest.approx((xb - rb).abs().sum().item() / 3)
     torch.testing.assert_close(log["rec_loss"], (xb - rb).abs().mean((1, 2, 3)))
     torch.testing.assert_close(log["p_loss"], tiny_lpips(xb, rb).flatten())
+    for w2 in (0.5, 3.0):                       # --l2-weight: + w2 * the squared error, summed per image
+        expected = sum((x - r).abs().sum() + w2 * (x - r).square().sum() for x, r in zip(xs, rs)) / 2
+        got = T.reconstruction_loss(xs, rs, None, 0.0, l2_weight=w2)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_lr_schedules_by_hand():
+    args = T.finish_args(T.parse_args(["--data", "d", "--out", "o", "--steps", "100", "--lr", "2e-3",
+                                       "--lr-schedule", "cosine", "--betas", "0.9,0.999"]))
+    assert args.betas == (0.9, 0.999)
+    assert [T.lr_at(s, args) for s in (0, 50, 100)] == pytest.approx([2e-3, 1e-3, 0.0], abs=1e-12)
+    assert T.lr_at(25, args) == pytest.approx(1e-3 * (1 + math.cos(math.pi / 4)))
+    args.lr_schedule = "constant"
+    assert {T.lr_at(s, args) for s in range(100)} == {2e-3}
 
 
 def disc_start_from_lightning(global_steps):
@@ -404,8 +418,11 @@ def test_l1_falls_on_tiny_data(world, tmp_path):
     assert run["decoder"]["ch"] == 32 and run["decoder"]["z_channels"] == DINO.dim and run["discriminator"] is None
 
 
-def test_killed_run_resumes_bit_for_bit(world, tmp_path):
-    extra = ["--disc-start", "1", "--save-every", "2"]        # GAN on from iteration 1; LPIPS and D from the file
+@pytest.mark.parametrize("recipe", [[], ["--lr-schedule", "cosine", "--betas", "0.9,0.999", "--l2-weight", "1"]],
+                         ids=["paper", "cosine-l2"])
+def test_killed_run_resumes_bit_for_bit(world, tmp_path, recipe):
+    """(A schedule's lr follows the step, and --betas is applied to a resumed optimiser too.)"""
+    extra = ["--disc-start", "1", "--save-every", "2", *recipe]   # GAN on from iteration 1; LPIPS and D from the file
     full, cut = tmp_path / "full", tmp_path / "cut"
     T.main(args_for(world, full, *extra, steps=4))
     r = run_cli(args_for(world, cut, *extra, steps=4), instrument=["--kill-after-step", "2"])
@@ -646,6 +663,9 @@ def test_stage_presets(stage, res, crops, steps, batch):
      "DecoderConfig fields ['z_channels'] follow the frozen encoders"),
     (["--resume"], "nothing to resume"),
     (["--stage", "4"], "choose 1, 2 or 3"),
+    (["--betas", "0.9"], "--betas: two numbers in [0, 1), e.g. 0.9,0.999"),
+    (["--betas", "0.9,1.5"], "--betas: two numbers in [0, 1)"),
+    (["--l2-weight", "-1"], "--l2-weight must not be negative"),
 ])
 def test_bad_input_is_one_line_and_exit_2(world, tmp_path, capsys, args, message):
     args = [a.replace("{root}", str(world["root"])).replace("{dinov3}", world["dinov3"]) for a in args]
