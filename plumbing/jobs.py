@@ -12,6 +12,7 @@ You need not read this to learn SVG-T2I.
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -275,10 +276,10 @@ def image_paths(args, n_prompts, n, indices=None):
                 for i in indices for j in range(n)}, root
     if args.out:
         stem, ext = os.path.splitext(args.out)
-        if os.path.islink(args.out):        # replacing it would lose the link, following it
-            raise UsageError(f"--out {args.out} is a symbolic link (to "   # writes elsewhere
-                             f"{os.readlink(args.out)}): sample.py writes only real files; "
-                             "remove the link, or choose another --out")
+        if os.path.islink(args.out):    # replacing it loses the link, following it writes away
+            raise UsageError(f"--out {args.out} is a symbolic link (to {os.readlink(args.out)}): "
+                             "sample.py writes only real files; remove the link, or choose "
+                             "another --out")
         if ext.lower() != ".png" or os.path.isdir(args.out):
             raise UsageError(f"--out {args.out}: give a file name ending in .png (for a folder, "
                              "use --outdir)")
@@ -299,13 +300,14 @@ def claim_outputs(args, n_prompts, records, indices, n):
     flag = "--out" if args.out and args.layout == "flat" else "--outdir"
     check_writable(folder, flag)
     outputs = [*paths.values(), *(path for _, _, path in layout_files(args, records, indices))]
-    check_outputs(folder, outputs, f"{flag} {args.out if flag == '--out' else folder}")
+    label = f"{flag} {args.out if flag == '--out' else folder}"     # what names the place
+    check_outputs(folder, outputs, label)
     if args.layout != "flat":       # geneval and dpg: the same files per prompt
         key, first, last = "outdir:benchmark", indices.start, indices.stop
     else:
         key = f"out:{os.path.basename(args.out)}" if flag == "--out" else "outdir:flat"
         first, last = indices.start * n, indices.stop * n
-    lock = lock_images(folder, key, first, last, flag)
+    lock = lock_images(folder, key, first, last, label)
     remove_stale_temps(outputs)
     return paths, lock
 
@@ -389,25 +391,30 @@ def finished(path, meta):
     return True
 
 
-def lock_images(folder, key, first, last, flag):
-    """Lock images first..last-1 of the output set `key` ("outdir:LAYOUT", or "out:NAME") in
-    `folder` for the life of this process, so that runs of disjoint ranges share a folder (the
-    README's split over GPUs) and one that overlaps a live run is refused before it draws. A
-    POSIX lock on that byte range of folder/.sample.lock: the OS drops it when the process dies,
-    however it dies. Returns the open lock file (the lock lasts as long as it is open)."""
+def lock_images(folder, key, first, last, label):
+    """Lock images first..last-1 of the output set `key` ("outdir:flat", "outdir:benchmark",
+    "out:NAME") in `folder` for the life of this process, so that runs of disjoint ranges share
+    a folder (the README's split over GPUs) and one that overlaps a live run is refused before
+    it draws. A POSIX lock on that byte range of folder/.sample.lock: the OS drops it when the
+    process dies, however it dies. Returns the open lock file: the lock lasts while it is open."""
     import fcntl
     import zlib
 
-    start = (zlib.crc32(key.encode()) % 2 ** 30 << 32) + first     # each key its own range
+    # each key its own stretch of the file: 2^32 images from its hash's multiple of 2^32 on
+    start = (zlib.crc32(key.encode()) % 2 ** 30 << 32) + first
     f = open(os.path.join(folder, ".sample.lock"), "a+")
     try:
         fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB, last - first, start)
-    except OSError:
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):     # no locks here (some network mounts)
+            print(f"sample.py: note: {folder} cannot be locked ({e.strerror}): runs into it are "
+                  "not checked for overlapping images", file=sys.stderr)
+            return f
         holder = lock_holder(f, start, last - first)
         f.close()
-        raise UsageError(f"{flag} {folder} is in use by another run (pid {holder}) drawing some "
-                         f"of the same images: wait for it to finish, or give this run another "
-                         f"{flag} or its own --start/--end range") from None
+        raise UsageError(f"{label} is in use by another run (pid {holder}) drawing some of the "
+                         f"same images: wait for it to finish, or give this run another "
+                         f"{label.split()[0]} or its own --start/--end range") from None
     return f
 
 
@@ -421,8 +428,11 @@ def lock_holder(f, start, length):
         return "unknown"
     layout = "hhqqi4x"          # l_type, l_whence, l_start, l_len, l_pid (and padding)
     query = struct.pack(layout, fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
-    kind, _, _, _, pid = struct.unpack(layout, fcntl.fcntl(f, fcntl.F_GETLK, query))
-    return str(pid) if kind != fcntl.F_UNLCK else "unknown"
+    try:
+        kind, _, _, _, pid = struct.unpack(layout, fcntl.fcntl(f, fcntl.F_GETLK, query))
+    except OSError:
+        return "unknown"
+    return str(pid) if kind != fcntl.F_UNLCK and pid > 0 else "unknown"
 
 
 def remove_stale_temps(paths):

@@ -432,6 +432,17 @@ def test_overlapping_runs_are_refused_and_disjoint_ranges_share_a_folder(release
         live.communicate("", timeout=60)
 
 
+def test_a_folder_that_cannot_be_locked_is_used_with_a_note(tmp_path, monkeypatch, capsys):
+    import fcntl
+
+    def no_locks(*a):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "lockf", no_locks)       # some network mounts have no locks
+    jobs.lock_images(str(tmp_path), "outdir:flat", 0, 4, f"--outdir {tmp_path}").close()
+    assert f"{tmp_path} cannot be locked (No locks available): runs into it are not checked" in \
+        capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Input images too large to open (issue #23)
 
