@@ -79,7 +79,8 @@ def parse_args(argv=None):
     add("--outdir", help="output folder (default: samples/)")
     add("--layout", choices=["flat", "geneval", "dpg"], default="flat",
         help="flat: OUTDIR/{k:05d}.png; geneval, dpg: the benchmarks' folders (default flat)")
-    add("--overwrite", action="store_true", help="redo the images a rerun would skip")
+    add("--overwrite", action="store_true", help="redo the images a rerun would skip, and "
+        "replace files in their place that sample.py did not draw")
     add("--reconstruct", metavar="IMAGE", help="encode and decode IMAGE instead of sampling")
     add("--score", type=int, nargs="?", const=180, metavar="N", help="toy model: the "
         "prompt-following score of N held-out prompts (default 180)")

@@ -221,11 +221,15 @@ def open_image(path, mode="RGB"):
 
 
 def read_image(path, mode="RGB"):
-    """open_image for a file the user named: a missing or unreadable file is a one-line error."""
+    """open_image for a file the user named: a missing, unreadable or too large file is a one-line
+    error (the data sets skip such a file instead)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image not found: {path}")
     try:
         return open_image(path, mode)
+    except Image.DecompressionBombError as e:   # PIL refuses more than 2 * MAX_IMAGE_PIXELS
+        raise ValueError(f"{path}: too large to read: {first_line(e).split(',')[0]}; "
+                         "downscale it first") from None
     except (OSError, SyntaxError) as e:         # PIL's UnidentifiedImageError is an OSError
         raise ValueError(f"{path}: not an image ({first_line(e)})") from None
 

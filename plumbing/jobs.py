@@ -12,6 +12,7 @@ You need not read this to learn SVG-T2I.
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -32,19 +33,37 @@ SYSTEM_PROMPT_NAMES = ("base", "align", "aesthetics", "real", "4grid", "empty")
 EDIT_STRENGTH = 0.8     # --strength's default (the README's toy measurement)
 
 
+class WriteError(Exception):
+    """A file could not be written (a full disk, a lost mount): one line, exit code 1."""
+
+
 @contextlib.contextmanager
 def exit_codes():
-    """sample.py's exits: bad input is one line and code 2 (plumbing.cli.command_line); Ctrl-C
-    is code 130 and says that the images written so far are whole."""
+    """sample.py's exits: bad input is one line and code 2 (plumbing.cli.command_line); a failed
+    write is one line and code 1 (not the input's fault); Ctrl-C is code 130. Both say that the
+    images written so far are whole."""
     from plumbing.cli import command_line
 
     try:
         with command_line("sample.py"):
             yield
+    except WriteError as e:
+        print(f"sample.py: error: {e}; the images written so far are whole", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("sample.py: interrupted: the images written so far are whole; the same command "
               "draws the rest", file=sys.stderr)
         sys.exit(130)
+
+
+@contextlib.contextmanager
+def writing(path):
+    """A write that fails (the disk full, the folder gone) as one line naming the file;
+    atomic_write has already removed its temporary file."""
+    try:
+        yield
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def toy_defaults():
@@ -115,6 +134,15 @@ def read_prompts(path):
 # Argument checks, where the checkpoint is, the sampler settings
 
 
+# The most a run may ask for, checked before anything is built: more than any machine finishes, and
+# less than what the bookkeeping alone (the jobs, the step schedule, the held-out prompts, the
+# images --score keeps) would take in memory.
+LIMITS = {"n": 1_000_000, "steps": 10_000, "batch_size": 4096, "score": 1800}
+LIMITS_WHY = {"n": "images in one run", "steps": "the official runs take 50",
+              "batch_size": "images sampled together", "score": "each of the toy's 180 held-out "
+              "captions ten times"}
+
+
 def check_numbers(args):
     """The numbers on the command line, before anything is loaded."""
     for name in ("h", "w"):
@@ -124,10 +152,12 @@ def check_numbers(args):
         if v is not None and v % 16:
             raise UsageError(f"--{name} {v} is not a multiple of 16: use e.g. "
                              f"{round(v / 16) * 16 or 16}")
-    for name in ("n", "steps", "batch_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least "
-                             "1")
+    for name, most in LIMITS.items():
+        v, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if v is not None and v < 1:
+            raise UsageError(f"{flag} {v}: must be at least 1")
+        if v is not None and v > most:
+            raise UsageError(f"{flag} {v}: at most {most:,} ({LIMITS_WHY[name]})")
     for name in ("cfg", "shift", "renorm", "cfg_trunc"):
         v = getattr(args, name)
         if v is not None and not math.isfinite(v):
@@ -236,14 +266,20 @@ def check_writable(folder, flag):
         raise UsageError(f"{flag} {folder}: cannot write there ({e.strerror or e})") from None
 
 
-def image_paths(args, n_prompts, n):
-    """{(prompt index, sample): path} of every image of the run, and the folder they share."""
+def image_paths(args, n_prompts, n, indices=None):
+    """{(prompt index, sample): path} of every image of the run (of the prompts `indices`, default
+    all n_prompts), and the folder they share."""
     root = args.outdir or "samples"
+    indices = range(n_prompts) if indices is None else indices
     if args.layout in ("geneval", "dpg"):
         return {(i, j): os.path.join(root, f"{i:05d}", "samples", f"{j:05d}.png")
-                for i in range(n_prompts) for j in range(n)}, root
+                for i in indices for j in range(n)}, root
     if args.out:
         stem, ext = os.path.splitext(args.out)
+        if os.path.islink(args.out):    # replacing it loses the link, following it writes away
+            raise UsageError(f"--out {args.out} is a symbolic link (to {os.readlink(args.out)}): "
+                             "sample.py writes only real files; remove the link, or choose "
+                             "another --out")
         if ext.lower() != ".png" or os.path.isdir(args.out):
             raise UsageError(f"--out {args.out}: give a file name ending in .png (for a folder, "
                              "use --outdir)")
@@ -251,23 +287,99 @@ def image_paths(args, n_prompts, n):
             raise UsageError(f"--out {args.out}: exists and is not a regular file")
         one = n_prompts * n == 1
         return {(i, j): args.out if one else f"{stem}_{i * n + j:05d}{ext}"
-                for i in range(n_prompts) for j in range(n)}, os.path.dirname(args.out) or "."
+                for i in indices for j in range(n)}, os.path.dirname(args.out) or "."
     return {(i, j): os.path.join(root, f"{i * n + j:05d}.png")
-            for i in range(n_prompts) for j in range(n)}, root
+            for i in indices for j in range(n)}, root
+
+
+def claim_outputs(args, n_prompts, records, indices, n):
+    """The image paths of the prompts `indices` (image_paths), once their folder takes files, no
+    link or folder is in the way of the run's files, this run holds the lock on its images and a
+    killed run's temporary files are gone. Returns (paths, the lock)."""
+    paths, folder = image_paths(args, n_prompts, n, indices)
+    flag = "--out" if args.out and args.layout == "flat" else "--outdir"
+    check_writable(folder, flag)
+    outputs = [*paths.values(), *(path for _, _, path in layout_files(args, records, indices))]
+    label = f"{flag} {args.out if flag == '--out' else folder}"     # what names the place
+    check_outputs(folder, outputs, label)
+    if args.layout != "flat":       # geneval and dpg: the same files per prompt
+        key, first, last = "outdir:benchmark", indices.start, indices.stop
+    else:
+        key = f"out:{os.path.basename(args.out)}" if flag == "--out" else "outdir:flat"
+        first, last = indices.start * n, indices.stop * n
+    lock = lock_images(folder, key, first, last, label)
+    remove_stale_temps(outputs)
+    return paths, lock
+
+
+# A PNG whose text metadata has one of these keys is one sample.py drew (a sample, a
+# reconstruction, a --score sheet): the only files a run replaces without --overwrite.
+OUR_KEYS = ("seed", "reconstruction of")
+
+
+def drawn_here(path):
+    """(text metadata, "") if `path` is a whole PNG that sample.py drew, else (None, why not)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        return None, "not a regular file"
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG":
+                return None, f"a {im.format} image"
+            text = dict(im.text)            # reads the whole file: a truncated one fails here
+    except UnidentifiedImageError:
+        return None, "not an image"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None, "a truncated or damaged image"
+    if not any(k in text for k in OUR_KEYS):
+        return None, "a PNG without sample.py's settings in it"
+    return text, ""
+
+
+def check_out_file(path, overwrite):
+    """A single output file (--reconstruct's, --score's sheet; image_paths has refused links and
+    folders) may replace only an image that sample.py drew, unless --overwrite."""
+    if os.path.lexists(path) and not overwrite and drawn_here(path)[0] is None:
+        raise UsageError(f"--out {path} exists and is not an image sample.py drew "
+                         f"({drawn_here(path)[1]}): move it away, or pass --overwrite to "
+                         "replace it")
+
+
+def check_outputs(root, paths, flag):
+    """Nothing from `root` (which may itself be a link: the user named it) down to each of the
+    run's files is a symbolic link, and nothing but a file is in their place: a link planted in
+    an output folder would send the images elsewhere, and replacing a folder would delete it.
+    `flag`: the flag and value that name the place ("--outdir out", "--out a.png")."""
+    seen = set()
+    for path in paths:
+        p = root
+        for part in Path(os.path.relpath(path, root)).parts:
+            p = os.path.normpath(os.path.join(p, part))
+            if p in seen:
+                continue
+            seen.add(p)
+            if os.path.islink(p):
+                raise UsageError(f"{flag}: {p} is a symbolic link (to {os.readlink(p)}): "
+                                 "sample.py writes only real folders and files; remove the "
+                                 f"link, or choose another {flag.split()[0]}")
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise UsageError(f"{flag}: {path} exists and is not a regular file: move it away, "
+                             f"or choose another {flag.split()[0]}")
 
 
 def finished(path, meta):
     """Whether `path` is an image of this run already (a rerun skips it). An image made with other
-    settings is an error: the rerun must not mix runs."""
-    from PIL import Image
-
+    settings is an error, and so is a file sample.py did not draw: a rerun must neither mix runs
+    nor replace what a user made."""
     from svgt2i import Sampling
 
-    try:
-        with Image.open(path) as im:
-            theirs = dict(im.text)
-    except (OSError, ValueError):
-        return False                       # absent, or not a whole PNG: draw it
+    if not os.path.lexists(path):
+        return False
+    theirs, why = drawn_here(path)
+    if theirs is None:
+        raise UsageError(f"{path} exists and is not an image sample.py drew ({why}): move it "
+                         "away, or pass --overwrite to replace it")
     # the PNG metadata that must agree: the image's own, every sampler setting, the edit's
     sampler = [f.name for f in dataclasses.fields(Sampling)]
     settings = ("prompt", "seed", "height", "width", *sampler, "strength", "init_image", "mask")
@@ -276,6 +388,83 @@ def finished(path, meta):
         k = diff[0]
         raise UsageError(f"{path} was made with other settings ({k} {theirs.get(k)!r}, this run "
                          f"{str(meta.get(k))!r}): pass --overwrite to redo it, or another --outdir")
+    return True
+
+
+def lock_images(folder, key, first, last, label):
+    """Lock images first..last-1 of the output set `key` ("outdir:flat", "outdir:benchmark",
+    "out:NAME") in `folder` for the life of this process, so that runs of disjoint ranges share
+    a folder (the README's split over GPUs) and one that overlaps a live run is refused before
+    it draws. A POSIX lock on that byte range of folder/.sample.lock: the OS drops it when the
+    process dies, however it dies. Returns the open lock file: the lock lasts while it is open."""
+    import fcntl
+    import zlib
+
+    # each key its own stretch of the file: 2^32 images from its hash's multiple of 2^32 on
+    start = (zlib.crc32(key.encode()) % 2 ** 30 << 32) + first
+    f = open(os.path.join(folder, ".sample.lock"), "a+")
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB, last - first, start)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):     # no locks here (some network mounts)
+            print(f"sample.py: note: {folder} cannot be locked ({e.strerror}): runs into it are "
+                  "not checked for overlapping images", file=sys.stderr)
+            return f
+        holder = lock_holder(f, start, last - first)
+        f.close()
+        raise UsageError(f"{label} is in use by another run (pid {holder}) drawing some of the "
+                         f"same images: wait for it to finish, or give this run another "
+                         f"{label.split()[0]} or its own --start/--end range") from None
+    return f
+
+
+def lock_holder(f, start, length):
+    """The pid of the process holding a POSIX lock on bytes start..start+length of the open file
+    `f` (fcntl F_GETLK with Linux's struct flock), or "unknown"."""
+    import fcntl
+    import struct
+
+    if not sys.platform.startswith("linux"):
+        return "unknown"
+    layout = "hhqqi4x"          # l_type, l_whence, l_start, l_len, l_pid (and padding)
+    query = struct.pack(layout, fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
+    try:
+        kind, _, _, _, pid = struct.unpack(layout, fcntl.fcntl(f, fcntl.F_GETLK, query))
+    except OSError:
+        return "unknown"
+    return str(pid) if kind != fcntl.F_UNLCK and pid > 0 else "unknown"
+
+
+def remove_stale_temps(paths):
+    """Remove the temporary files (plumbing.files.atomic_write's .tmpPID-NAME) that a killed run
+    left beside this run's files (a scorer reading the folder would take them for images): only
+    those of our exact naming, for one of these names, of a process that is gone."""
+    names = {}
+    for path in paths:
+        names.setdefault(os.path.dirname(path) or ".", set()).add(os.path.basename(path))
+    removed = []
+    for folder, ours in names.items():
+        if not os.path.isdir(folder):
+            continue
+        for entry in os.scandir(folder):
+            pid, _, name = entry.name[len(".tmp"):].partition("-")
+            if (entry.name.startswith(".tmp") and pid.isdigit() and name in ours
+                    and entry.is_file(follow_symlinks=False) and not alive(int(pid))):
+                os.unlink(entry.path)
+                removed.append(entry.path)
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) left by a killed run, e.g. {removed[0]}",
+              file=sys.stderr)
+
+
+def alive(pid):
+    """Whether a process `pid` exists on this machine (this one's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True                         # someone else's
     return True
 
 
@@ -288,8 +477,9 @@ def save_png(image, path, meta):
     info = PngInfo()
     for k, v in meta.items():
         info.add_text(k, str(v))
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    with writing(path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def dpg_grid(paths, columns=2, border=2):
@@ -307,24 +497,37 @@ def dpg_grid(paths, columns=2, border=2):
     return grid
 
 
+def layout_files(args, records, indices):
+    """[(prompt index, kind, path)] of what the benchmark layouts keep beside the images of the
+    prompts `indices`: geneval's and dpg's metadata.jsonl, dpg's grid (named by the record's
+    "filename", as the official script does)."""
+    root = args.outdir or "samples"
+    files = [(i, "metadata", os.path.join(root, f"{i:05d}", "metadata.jsonl"))
+             for i in indices if args.layout != "flat"]
+    if args.layout == "dpg":
+        files += [(i, "grid", os.path.join(root, "grid_output",
+                                           Path(records[i]["filename"]).stem + ".png"))
+                  for i in indices]
+    return files
+
+
 def write_layout_files(args, plan, done):
     """What the benchmark layouts keep next to the images of the jobs `done`: geneval's
     metadata.jsonl per prompt, and dpg's grid of each prompt whose images are all drawn."""
     from plumbing.files import atomic_write
 
-    if args.layout == "flat":
-        return
-    root = args.outdir or "samples"
-    for i in sorted({job.prompt_index for job in done}):
+    indices = sorted({job.prompt_index for job in done})
+    for i, kind, path in layout_files(args, plan.records, indices):
         record = plan.records[i] if plan.records else {"prompt": plan.prompts[i]}
-        meta = os.path.join(root, f"{i:05d}", "metadata.jsonl")
-        os.makedirs(os.path.dirname(meta), exist_ok=True)
-        atomic_write(meta, lambda tmp: Path(tmp).write_text(json.dumps(record) + "\n"))
         mine = [plan.paths[(i, j)] for j in range(plan.n)]
-        if args.layout == "dpg" and all(os.path.isfile(p) for p in mine):
-            grid = os.path.join(root, "grid_output", Path(record["filename"]).stem + ".png")
-            os.makedirs(os.path.dirname(grid), exist_ok=True)
-            atomic_write(grid, lambda tmp: dpg_grid(mine).save(tmp, format="PNG"))
+        if kind == "grid" and not all(os.path.isfile(p) for p in mine):
+            continue                        # the grid once all of the prompt's images are drawn
+        with writing(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if kind == "metadata":
+                atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record) + "\n"))
+            else:
+                atomic_write(path, lambda tmp: dpg_grid(mine).save(tmp, format="PNG"))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -404,6 +607,7 @@ class Plan:
     paths: dict             # {(prompt index, sample): path} of every image (a DPG grid needs all)
     seed: int               # image k: seed + k
     edit: dict              # SVGT2I.generate's edit keywords, init images one per prompt; {}: none
+    lock: object = None     # the lock on this run's images in their folder (lock_images)
 
     def edit_of(self, batch):
         """The edit keywords of a batch of jobs: their init images, the strength and mask."""
@@ -425,22 +629,50 @@ def read_prompt_list(args):
     return prompts, records
 
 
+def record_places(path, count):
+    """Where each record of a prompt file is, for error messages: FILE:LINE (.jsonl, as
+    read_prompts counts them) or FILE: item K (.json)."""
+    if os.path.splitext(path)[1].lower() == ".json":
+        return [f"{path}: item {k}" for k in range(count)]
+    return [f"{path}:{number}" for number, line in enumerate(read_text(path), 1) if line.strip()]
+
+
+def check_dpg_records(path, records):
+    """--layout dpg names each prompt's grid after its record's "filename" (as DPG-Bench's
+    dpg.jsonl has): every record needs one with a file name in it, and no two the same grid."""
+    if not records:
+        raise UsageError("--layout dpg needs a .jsonl --prompts file whose records have a "
+                         "\"filename\" (as DPG-Bench's dpg.jsonl)")
+    grids = {}
+    for where, record in zip(record_places(path, len(records)), records):
+        name = record.get("filename") if isinstance(record, dict) else None
+        stem = Path(name).stem if isinstance(name, str) else ""
+        if not stem:
+            raise UsageError(f"{where}: --layout dpg needs a \"filename\" naming the prompt's "
+                             f"grid (as DPG-Bench's dpg.jsonl has), got {name!r}")
+        if stem in grids:
+            raise UsageError(f"{where}: \"filename\" {name!r} names the same grid "
+                             f"(grid_output/{stem}.png) as {grids[stem]}: give each its own")
+        grids[stem] = where
+
+
 def plan_images(args, ckpt, dtype, height, width):
     """Every image of the run as a Job with its path and PNG metadata (prompt, seed, every setting,
     the edit's), in the --start/--end range; a rerun's finished images are left out of todo (one
     made with other settings is an error). Checked before any weights load."""
     prompts, records = read_prompt_list(args)
     prompts, init_paths, edit = edit_inputs(args, prompts)
-    if args.layout == "dpg" and not (records and all(isinstance(r, dict) and "filename" in r
-                                                     for r in records)):
-        raise UsageError("--layout dpg needs a .jsonl --prompts file whose records have a "
-                         "\"filename\" (as DPG-Bench's dpg.jsonl)")
+    if args.layout == "dpg":
+        check_dpg_records(args.prompts, records)
     n = args.n or (4 if args.layout in ("geneval", "dpg") else 1)
     end = len(prompts) if args.end is None else min(args.end, len(prompts))
     if args.start >= end:
         raise UsageError(f"--start {args.start}: there are only {len(prompts)} prompt(s)")
-    paths, folder = image_paths(args, len(prompts), n)
-    check_writable(folder, "--out" if args.out and args.layout == "flat" else "--outdir")
+    if (end - args.start) * n > LIMITS["n"]:
+        raise UsageError(f"{(end - args.start) * n:,} images in one run (prompts {args.start} to "
+                         f"{end - 1}, {n} each): at most {LIMITS['n']:,}; split it with "
+                         "--start/--end")
+    paths, lock = claim_outputs(args, len(prompts), records, range(args.start, end), n)
     seed = 42 if args.seed is None else args.seed
     settings = dict(height=height, width=width, **vars(sampling(args)),
                     dtype=args.dtype or str(dtype).replace("torch.", ""),
@@ -455,7 +687,7 @@ def plan_images(args, ckpt, dtype, height, width):
     if len(todo) < len(jobs):
         print(f"{len(jobs) - len(todo)} of {len(jobs)} images already drawn: skipped "
               "(--overwrite redoes them)", file=sys.stderr)
-    return Plan(jobs, todo, prompts, records, n, paths, seed, edit)
+    return Plan(jobs, todo, prompts, records, n, paths, seed, edit, lock)
 
 
 def enhance_prompts(pipe, todo):
@@ -491,6 +723,7 @@ def reconstruct(args, ckpt, device):
         raise UsageError(f"image not found: {args.reconstruct}")
     image_paths(args, 1, 1)
     check_writable(os.path.dirname(args.out) or ".", "--out")
+    check_out_file(args.out, args.overwrite)
     image = read_image(args.reconstruct)
     files = find_weights(ckpt, autoencoder=args.autoencoder, dinov3=args.dinov3,
                          need=("autoencoder",))
@@ -510,10 +743,9 @@ def score_toy(args, ckpt, gemma, device, dtype, height, width):
     import toy
     from svgt2i import SVGT2I
 
-    if args.score < 1:
-        raise UsageError("--score N needs N >= 1")
     if args.out:
         image_paths(args, 1, 1)
+        check_out_file(args.out, args.overwrite)
     t0 = time.time()
     pipe = SVGT2I.from_pretrained(ckpt, gemma, device=device, dtype=dtype, **weight_flags(args))
     if args.compile:
@@ -534,6 +766,6 @@ def score_toy(args, ckpt, gemma, device, dtype, height, width):
         sheet = Image.new("RGB", (cols * width, -(-len(images) // cols) * height), "white")
         for k, im in enumerate(images):
             sheet.paste(im, ((k % cols) * width, (k // cols) * height))
-        sheet.save(args.out)
+        save_png(sheet, args.out, {"score of": f"{len(prompts)} held-out prompts", "seed": seed})
         print(f"wrote {args.out}", file=sys.stderr)
     return summary

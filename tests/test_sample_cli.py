@@ -2,18 +2,22 @@
 locations are checked first, prompt files of every kind are read, runs stream to disk and a rerun completes an
 interrupted one, the benchmark layouts (GenEval, DPG-Bench) and index ranges, progress lines in logs, --help."""
 
+import errno
 import io
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
-from plumbing import UsageError, jobs, loading, runs
+from plumbing import UsageError, files, jobs, loading, runs
 import sample
 import svgt2i
 from test_sample import release  # noqa: F401 (fixture: a tiny release in the official layout)
@@ -67,6 +71,14 @@ BAD = [
     (["--outdir", "afile/sub"], "--outdir afile/sub: cannot write there"),
     (["--outdir", "/proc/self/nope"], "--outdir /proc/self/nope: cannot write there"),
     (["--layout", "dpg"], "--layout dpg needs a .jsonl --prompts file"),
+    # sizes no machine runs, refused before anything is built (issue #23)
+    (["--n", "1000000000"], "--n 1000000000: at most 1,000,000 (images in one run)"),
+    (["--prompt", "y", "--n", "600000"], "1,200,000 images in one run (prompts 0 to 1, 600000 each): at most "
+     "1,000,000; split it with --start/--end"),
+    (["--steps", "1000000000"], "--steps 1000000000: at most 10,000"),
+    (["--batch-size", "1000000000"], "--batch-size 1000000000: at most 4,096"),
+    (["--score", "1000000000"], "--score 1000000000: at most 1,800"),
+    (["--score", "0"], "--score 0: must be at least 1"),
 ]
 
 
@@ -158,7 +170,8 @@ def test_an_interrupted_run_is_completed_by_the_same_command(release, tmp_path, 
     with pytest.raises(SystemExit) as e:
         sample.main(base + ["--outdir", str(tmp_path / "cut")])
     assert e.value.code == 130 and "the same command draws the rest" in capsys.readouterr().err
-    assert sorted(os.listdir(tmp_path / "cut")) == ["00000.png", "00001.png", "00002.png"]   # no partial file
+    # no partial file (.sample.lock: the run lock, see test_overlapping_runs_are_refused)
+    assert sorted(os.listdir(tmp_path / "cut")) == [".sample.lock", "00000.png", "00001.png", "00002.png"]
     monkeypatch.setattr(jobs, "save_png", real)
     sample.main(base + ["--outdir", str(tmp_path / "cut")])
     assert "3 of 4 images already drawn: skipped" in capsys.readouterr().err
@@ -178,7 +191,7 @@ def test_dpg_layout_and_index_range(release, tmp_path):
     sample.main(["--ckpt", release["ckpt"], "--gemma", release["gemma"], "--prompts", str(tmp_path / "dpg.jsonl"),
                  "--layout", "dpg", "--outdir", str(out), "--h", "32", "--w", "48", "--steps", "1",
                  "--start", "1", "--end", "3", "--batch-size", "3"])
-    assert sorted(os.listdir(out)) == ["00001", "00002", "grid_output"]             # prompts 1 and 2 only
+    assert sorted(os.listdir(out)) == [".sample.lock", "00001", "00002", "grid_output"]   # prompts 1 and 2 only
     assert sorted(os.listdir(out / "grid_output")) == ["p1.png", "p2.png"]
     assert json.loads((out / "00002" / "metadata.jsonl").read_text()) == records[2]
     # the official per-image seeds: seed + index * n + k
@@ -211,6 +224,247 @@ def test_progress_is_plain_lines_in_a_log_and_one_line_on_a_terminal():
     for k in range(4):
         p(k)
     assert tty.getvalue().count("\r") == 4 and tty.getvalue().endswith("\n") and tty.getvalue().count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output folders a run shares with others and with what a user made (issue #23)
+
+def tiny(release, *extra):
+    return ["--ckpt", release["ckpt"], "--gemma", release["gemma"], "--h", "32", "--steps", "1", *extra]
+
+
+def write_dpg(path, filenames):
+    path.write_text("".join(json.dumps({"prompt": f"prompt {k}", "filename": f}) + "\n"
+                            for k, f in enumerate(filenames)))
+    return str(path)
+
+
+LINKS = [   # (the run's output flags, the path a link is planted at)
+    (["--layout", "geneval", "--outdir", "out"], "out/00000"),
+    (["--layout", "geneval", "--outdir", "out"], "out/00000/samples"),
+    (["--layout", "geneval", "--outdir", "out"], "out/00000/metadata.jsonl"),
+    (["--layout", "dpg", "--outdir", "out"], "out/grid_output"),
+    (["--outdir", "out"], "out/00000.png"),
+    (["--out", "a.png"], "a.png"),
+    (["--out", "sub/a.png", "--n", "2"], "sub/a_00001.png"),
+]
+
+
+@pytest.mark.parametrize("flags, link", LINKS, ids=[link for _, link in LINKS])
+def test_links_planted_in_an_output_folder_are_refused(release, tmp_path, monkeypatch, capsys, no_loading, flags,
+                                                       link):
+    monkeypatch.chdir(tmp_path)
+    prompts = write_dpg(tmp_path / "p.jsonl", ["p0.txt"])
+    (tmp_path / "elsewhere").mkdir()
+    Path(link).parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(tmp_path / "elsewhere", link)
+    err = error_line(tiny(release, "--prompts", prompts, *flags), capsys)
+    assert f"{link} is a symbolic link (to {tmp_path / 'elsewhere'})" in err, err
+    assert os.listdir(tmp_path / "elsewhere") == []
+
+
+def test_the_outdir_itself_may_be_a_link(release, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "scratch").mkdir()
+    os.symlink(tmp_path / "scratch", "out")        # the user named it: a cluster's scratch space
+    sample.main(tiny(release, "--prompt", "x", "--outdir", "out"))
+    assert (tmp_path / "scratch" / "00000.png").is_file()
+
+
+DPG_RECORDS = [   # (the dpg.jsonl's lines, the error)
+    ('{"prompt": "a", "filename": 5}\n', 'p.jsonl:1: --layout dpg needs a "filename" naming the prompt\'s grid '
+     "(as DPG-Bench's dpg.jsonl has), got 5"),
+    ('{"prompt": "a", "filename": "a.txt"}\n\n{"prompt": "b", "filename": null}\n', "p.jsonl:3: --layout dpg "
+     'needs a "filename"', ),
+    ('{"prompt": "a", "filename": "a.txt"}\n{"prompt": "b"}\n', 'p.jsonl:2: --layout dpg needs a "filename"'),
+    ('{"prompt": "a", "filename": ""}\n', 'p.jsonl:1: --layout dpg needs a "filename"'),
+    ('{"prompt": "a", "filename": "x/a.txt"}\n{"prompt": "b", "filename": "a.png"}\n', "p.jsonl:2: \"filename\" "
+     "'a.png' names the same grid (grid_output/a.png) as p.jsonl:1"),
+]
+
+
+@pytest.mark.parametrize("lines, message", DPG_RECORDS, ids=range(len(DPG_RECORDS)))
+def test_dpg_records_are_checked_before_anything_is_drawn(release, tmp_path, monkeypatch, capsys, no_loading,
+                                                          lines, message):
+    monkeypatch.chdir(tmp_path)
+    Path("p.jsonl").write_text(lines)
+    err = error_line(tiny(release, "--prompts", "p.jsonl", "--layout", "dpg", "--outdir", "out"), capsys)
+    assert message in err, err
+    assert not Path("out").exists() or os.listdir("out") == []
+
+
+def jpeg(path):
+    Image.new("RGB", (8, 8), "red").save(path, format="JPEG")
+
+
+def plain_png(path):
+    Image.new("RGB", (8, 8), "red").save(path, format="PNG")
+
+
+def truncated_png(path):
+    """The first half of a sample's PNG (a copy cut short): whether it was ours cannot be read."""
+    info = PngInfo()
+    info.add_text("seed", "42")
+    Image.effect_noise((64, 64), 50).save(path, format="PNG", pnginfo=info)
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+NOT_OURS = [    # (what is at the output path, how it is made, the error's reason)
+    ("jpeg", jpeg, "(a JPEG image)"),
+    ("text", lambda p: p.write_text("my notes\n"), "(not an image)"),
+    ("png without our metadata", plain_png, "(a PNG without sample.py's settings in it)"),
+    ("truncated png", truncated_png, "(a truncated or damaged image)"),
+]
+
+
+@pytest.mark.parametrize("where", ["--out", "--outdir", "--reconstruct"])
+@pytest.mark.parametrize("kind, make, reason", NOT_OURS, ids=[k for k, _, _ in NOT_OURS])
+def test_a_file_sample_did_not_draw_is_kept(release, tmp_path, monkeypatch, capsys, no_loading, where, kind, make,
+                                            reason):
+    monkeypatch.chdir(tmp_path)
+    plain_png(tmp_path / "in.png")
+    path = {"--out": tmp_path / "photo.png", "--outdir": tmp_path / "out" / "00000.png",
+            "--reconstruct": tmp_path / "photo.png"}[where]
+    path.parent.mkdir(exist_ok=True)
+    make(path)
+    before = path.read_bytes()
+    flags = {"--out": ["--prompt", "x", "--out", "photo.png"], "--outdir": ["--prompt", "x", "--outdir", "out"],
+             "--reconstruct": ["--reconstruct", "in.png", "--out", "photo.png"]}[where]
+    err = error_line(tiny(release, *flags), capsys)
+    assert "photo.png" in err or "00000.png" in err
+    assert "is not an image sample.py drew " + reason in err and "pass --overwrite to replace it" in err, err
+    assert path.read_bytes() == before
+
+
+def test_overwrite_replaces_a_file_but_never_a_folder(release, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    Path("notes.png").write_text("my notes\n")
+    sample.main(tiny(release, "--prompt", "x", "--out", "notes.png", "--overwrite"))
+    assert Image.open("notes.png").text["seed"] == "42"
+    capsys.readouterr()
+    (tmp_path / "out" / "00000.png").mkdir(parents=True)
+    (tmp_path / "out" / "00000.png" / "keep.txt").write_text("mine")
+    err = error_line(tiny(release, "--prompt", "x", "--outdir", "out", "--overwrite"), capsys)
+    assert "--outdir out: out/00000.png exists and is not a regular file" in err
+    assert (tmp_path / "out" / "00000.png" / "keep.txt").read_text() == "mine"
+
+
+def full_disk(self, fp, *a, **k):
+    """A writer (the PNG's or the text's) that fills its file halfway and finds the disk full."""
+    Path(fp).write_bytes(b"\x89PNG half")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("target, name, failing", [
+    (Image.Image, "save", "out/00000/samples/00000.png"),
+    (Path, "write_text", "out/00000/metadata.jsonl"),
+])
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(release, tmp_path, monkeypatch, capsys, target,
+                                                              name, failing):
+    monkeypatch.chdir(tmp_path)
+    prompts = write_dpg(tmp_path / "p.jsonl", ["p0.txt"])
+    monkeypatch.setattr(target, name, full_disk)
+    with pytest.raises(SystemExit) as e:
+        sample.main(tiny(release, "--prompts", prompts, "--layout", "geneval", "--outdir", "out", "--n", "1"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and err[-1] == (f"sample.py: error: cannot write {failing}: No space left on device; "
+                                             "the images written so far are whole"), err
+    assert not [p for p in Path("out").rglob("*") if p.name.startswith(".tmp")]
+
+
+def test_a_killed_runs_temporary_files_are_removed_and_only_those(release, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    prompts = write_dpg(tmp_path / "p.jsonl", ["p0.txt"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()                                     # its pid is free now: a run killed mid-write
+    stale = [f"out/00000/samples/.tmp{dead.pid}-00000.png", f"out/00000/.tmp{dead.pid}-metadata.jsonl",
+             f"out/grid_output/.tmp{dead.pid}-p0.png"]
+    kept = [f"out/00000/samples/.tmp{os.getppid()}-00001.png",     # a live process's
+            f"out/00000/samples/.tmp{dead.pid}-notes.png",         # not a name of this run's
+            f"out/00000/samples/.tmp-{dead.pid}-00000.png"]        # not our naming
+    for p in stale + kept:
+        Path(p).parent.mkdir(parents=True, exist_ok=True)
+        Path(p).write_bytes(b"\x89PNG half")
+    sample.main(tiny(release, "--prompts", prompts, "--layout", "dpg", "--outdir", "out", "--n", "2"))
+    assert "removed 3 temporary file(s) left by a killed run" in capsys.readouterr().err
+    assert [p for p in stale if os.path.exists(p)] == [] and all(os.path.exists(p) for p in kept)
+    assert os.path.isfile("out/grid_output/p0.png")
+
+
+HOLDER = """import sys, sample, svgt2i
+def hold(*a, **k):                      # a live run: planned and locked, 'loading its weights'
+    print("holding", flush=True)
+    sys.stdin.read()
+    sys.exit(0)
+svgt2i.SVGT2I.from_pretrained = classmethod(hold)
+sample.main(sys.argv[1:])
+"""
+
+RANGES = [   # (the live run's flags, this run's flags, refused)
+    (["--layout", "geneval", "--start", "0", "--end", "2"], ["--layout", "geneval", "--seed", "7"], True),
+    (["--layout", "geneval", "--start", "0", "--end", "2"], ["--layout", "geneval", "--start", "1"], True),
+    (["--layout", "geneval", "--start", "0", "--end", "2"], ["--layout", "dpg", "--start", "1"], True),
+    (["--layout", "geneval", "--start", "0", "--end", "2"], ["--layout", "geneval", "--start", "2"], False),
+    (["--n", "2"], ["--n", "2", "--seed", "7"], True),
+    (["--n", "2", "--end", "1"], ["--n", "2", "--start", "1"], False),
+]
+
+
+@pytest.mark.parametrize("theirs, mine, refused", RANGES, ids=range(len(RANGES)))
+def test_overlapping_runs_are_refused_and_disjoint_ranges_share_a_folder(release, tmp_path, monkeypatch, capsys,
+                                                                        theirs, mine, refused):
+    monkeypatch.chdir(tmp_path)
+    prompts = write_dpg(tmp_path / "p.jsonl", ["p0.txt", "p1.txt", "p2.txt"])
+    live = subprocess.Popen([sys.executable, "-c", HOLDER, *tiny(release, "--prompts", prompts, "--outdir", "out",
+                                                                 *theirs)],
+                            cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert live.stdout.readline() == "holding\n"
+        argv = tiny(release, "--prompts", prompts, "--outdir", "out", "--n", "1", *mine)
+        if refused:
+            err = error_line(argv, capsys)
+            assert f"--outdir out is in use by another run (pid {live.pid}) drawing some of the same images" in err
+        else:
+            sample.main(argv)
+            assert "images in" in capsys.readouterr().err
+    finally:
+        live.communicate("", timeout=60)
+
+
+def test_a_folder_that_cannot_be_locked_is_used_with_a_note(tmp_path, monkeypatch, capsys):
+    import fcntl
+
+    def no_locks(*a):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "lockf", no_locks)       # some network mounts have no locks
+    jobs.lock_images(str(tmp_path), "outdir:flat", 0, 4, f"--outdir {tmp_path}").close()
+    assert f"{tmp_path} cannot be locked (No locks available): runs into it are not checked" in \
+        capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input images too large to open (issue #23)
+
+def huge_png(path, side=20000):
+    """A PNG header claiming side x side pixels (1-bit grey): PIL refuses it at open, so nothing is allocated."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("flags", [["--init-image", "big.png"], ["--init-image", "in.png", "--mask", "big.png"]],
+                         ids=["init-image", "mask"])
+def test_an_image_too_large_to_open_is_one_line(release, tmp_path, monkeypatch, capsys, no_loading, flags):
+    monkeypatch.chdir(tmp_path)
+    huge_png(tmp_path / "big.png")
+    plain_png(tmp_path / "in.png")
+    err = error_line(tiny(release, "--prompt", "x", *flags), capsys)
+    assert err == ("sample.py: error: big.png: too large to read: Image size (400000000 pixels) exceeds limit of "
+                   f"{2 * Image.MAX_IMAGE_PIXELS} pixels; downscale it first"), err
+    with pytest.raises(Image.DecompressionBombError):       # the data sets' reader: they skip such a file
+        files.open_image(tmp_path / "big.png")
 
 
 # ---------------------------------------------------------------------------------------------------------------
