@@ -34,14 +34,14 @@ EDIT_STRENGTH = 0.8     # --strength's default (the README's toy measurement)
 
 
 class WriteError(Exception):
-    """A file could not be written (a full disk, a lost mount): one line, exit code 1."""
+    """A file could not be written (a full disk, a lost mount): one line, exit code 2."""
 
 
 @contextlib.contextmanager
 def exit_codes():
-    """sample.py's exits: bad input is one line and code 2 (plumbing.cli.command_line); a failed
-    write is one line and code 1 (not the input's fault); Ctrl-C is code 130. Both say that the
-    images written so far are whole."""
+    """sample.py's exits: bad input is one line and code 2 (plumbing.cli.command_line); so is a
+    failed write, which says that the images written so far are whole; Ctrl-C is code 130 and
+    says the same."""
     from plumbing.cli import command_line
 
     try:
@@ -49,7 +49,7 @@ def exit_codes():
             yield
     except WriteError as e:
         print(f"sample.py: error: {e}; the images written so far are whole", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("sample.py: interrupted: the images written so far are whole; the same command "
               "draws the rest", file=sys.stderr)

@@ -367,7 +367,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(release, tmp_path,
     with pytest.raises(SystemExit) as e:
         sample.main(tiny(release, "--prompts", prompts, "--layout", "geneval", "--outdir", "out", "--n", "1"))
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 1 and err[-1] == (f"sample.py: error: cannot write {failing}: No space left on device; "
+    assert e.value.code == 2 and err[-1] == (f"sample.py: error: cannot write {failing}: No space left on device; "
                                              "the images written so far are whole"), err
     assert not [p for p in Path("out").rglob("*") if p.name.startswith(".tmp")]
 
