@@ -393,7 +393,8 @@ def train(args):
              f"LPIPS: {'none' if nets.lpips is None else 'on'}")
     dist.log(f"stage {args.stage}: {args.resolution}px {args.crops}, {args.steps} steps, global "
              f"batch {args.global_batch} = {dist.world} ranks x {accum} x micro "
-             f"{args.micro_batch}, lr {args.lr}, GAN from iteration {args.disc_start}, "
+             f"{args.micro_batch}, lr {args.lr} ({args.lr_schedule}), "
+             f"{'no GAN' if disc is None else f'GAN from iteration {args.disc_start}'}, "
              f"{len(records)} images")
 
     # Setup the data: this rank's slice of the global positions still to come
