@@ -25,7 +25,7 @@ ever a training image.
 
     python toy.py --check            # the analyser on ground-truth renders, clean and degraded
     python toy.py --grid shapes.png  # a contact sheet of samples, to look at
-    python toy.py train --out runs/toy   # the toy SVG-T2I, end to end on a CPU (about an hour)
+    python toy.py train --out runs/toy   # the toy SVG-T2I, end to end on a CPU (about 30 min)
 
 The training command calls the trainers as a user would (train_autoencoder.main and train.main with
 argument lists); they never import this file, and importing it needs no torch.
@@ -493,11 +493,24 @@ def train_decoder(ae_path, data, steps, out, seed=0, threads=None, log=print):
     if (Path(out) / "latest").is_file():
         argv.append("--resume")
     train_autoencoder.main(argv)
+    reached(out, steps, "decoder")
     trained = read_state_dict(Path(checkpoint_folder(str(out))) / "autoencoder.safetensors")
     sd = {k: v.clone() for k, v in read_state_dict(ae_path).items()}
     sd.update({k: v.contiguous() for k, v in trained.items() if k.startswith("decoder.")})
     atomic_write(ae_path, lambda tmp: save_file(sd, str(tmp)))
     log(f"toy decoder: {steps} steps of train_autoencoder.py, written into {ae_path}")
+
+
+def reached(run, steps, what):
+    """Go on only from a run that reached its steps: a trainer stopped by a signal (SIGTERM, a
+    scheduler's preemption) saves and returns as if done."""
+    from plumbing import UsageError
+    from plumbing.release import checkpoint_folder
+
+    step = json.loads((Path(checkpoint_folder(str(run))) / "run.json").read_text())["step"]
+    if step < steps:
+        raise UsageError(f"the {what} stopped at step {step} of {steps}: continue with the same "
+                         "command and --resume")
 
 
 def prepare(work, n_images=6000, decoder_steps=2000, seed=0, log=print, phases=None):
@@ -601,6 +614,7 @@ def train(args):
         dit_trainer.main(argv + ["--steps", "0"])
         phases["statistics and feature cache"], t0 = time.time() - t0, time.time()
     dit_trainer.main(argv)
+    reached(work / "dit", args.steps or dit_trainer.TOY_STAGE["steps"], "DiT")
     phases["DiT"], t0 = time.time() - t0, time.time()
     bundle = os.path.abspath(args.bundle or BUNDLE)
     write_bundle(bundle, work / "dit", made)

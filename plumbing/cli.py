@@ -210,14 +210,14 @@ def check_autoencoder_args(args, stages, recipe):
     for name in ("steps", "global_batch", "save_every", "log_every", "limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
-    try:
-        args.betas = tuple(float(b) for b in args.betas.split(","))
-    except ValueError:
-        args.betas = ()
+    if isinstance(args.betas, str):
+        try:
+            args.betas = tuple(float(b) for b in args.betas.split(","))
+        except ValueError:
+            args.betas = ()
     if len(args.betas) != 2 or not all(0 <= b < 1 for b in args.betas):
         raise UsageError("--betas: two numbers in [0, 1), e.g. 0.9,0.999")
-    for name in ("perceptual_weight", "disc_weight", "disc_start", "stats_images", "lr",
-                 "l2_weight"):
+    for name in ("perceptual_weight", "disc_weight", "disc_start", "stats_images", "l2_weight"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must not be negative")
     check_run_numbers(args)
