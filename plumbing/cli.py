@@ -48,6 +48,17 @@ def add_system_args(p):
     return g
 
 
+def number_list(value):
+    """A flag of comma-separated numbers ("0.9,0.999") as a tuple, () if one is not a number; a
+    value already parsed (a tuple) as it is."""
+    if not isinstance(value, str):
+        return tuple(value)
+    try:
+        return tuple(float(x) for x in value.split(","))
+    except ValueError:
+        return ()
+
+
 def check_run_numbers(args):
     """The numbers both trainers share: every float finite, --grad-clip 0 (off) or positive,
     counts in range, sizes a machine can run."""
@@ -157,12 +168,7 @@ def check_train_args(args, stages):
         raise UsageError(f"--stage {args.stage}: choose 1, 2, 3 or 4 (Table 4)")
     if args.model not in PRESETS:
         raise UsageError(f"--model {args.model!r}: choose one of {', '.join(PRESETS)}")
-    if isinstance(args.caption_ratios, str):
-        try:
-            args.caption_ratios = tuple(float(x) for x in args.caption_ratios.split(","))
-        except ValueError:
-            args.caption_ratios = ()
-    ratios = args.caption_ratios
+    ratios = args.caption_ratios = number_list(args.caption_ratios)
     if len(ratios) != 3 or min(ratios) < 0 or sum(ratios) <= 0:
         raise UsageError("--caption-ratios: three non-negative numbers short,middle,long, e.g. "
                          "0.1,0.35,0.55")
@@ -210,11 +216,7 @@ def check_autoencoder_args(args, stages, recipe):
     for name in ("steps", "global_batch", "save_every", "log_every", "limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
-    if isinstance(args.betas, str):
-        try:
-            args.betas = tuple(float(b) for b in args.betas.split(","))
-        except ValueError:
-            args.betas = ()
+    args.betas = number_list(args.betas)
     if len(args.betas) != 2 or not all(0 <= b < 1 for b in args.betas):
         raise UsageError("--betas: two numbers in [0, 1), e.g. 0.9,0.999")
     for name in ("perceptual_weight", "disc_weight", "disc_start", "stats_images", "l2_weight"):
