@@ -11,7 +11,8 @@ grouped-query (24 query heads share 8 K/V heads in the 2B model).
 Conventions: x is a normalised DINOv3 latent [C=384, H/16, W/16]
 (one token per DINO patch, patch_size 1); t in [0, 1] with 0 = pure noise and 1 = data
 (not scaled by 1000); the output is the velocity d x_t / d t. Module and parameter names mirror the
-official checkpoint keys, so loading (plumbing.loading.load_nextdit) is a plain strict load.
+official checkpoint keys, so loading (plumbing.loading.load_nextdit) is a plain strict load. At the
+end: LoRA adapters for fine-tuning (train.py --lora), then the key map.
 
 Where this code deliberately differs from the official implementation
 (same function, different mechanics):
@@ -567,6 +568,79 @@ class Context:
     img_rope: tuple          # (cos, sin) [B, N, head_dim // 2] of the image tokens alone
     img_mask: torch.Tensor   # [B, N] valid image tokens, or None when none is padded
     mask: torch.Tensor       # [B, S] valid joint tokens, or None when none is padded
+
+
+# -------------------------------------------------------------------------------------------------
+# LoRA (Hu et al., 2021): fine-tune a frozen model through a low-rank update of chosen linear
+# layers, W x + (alpha / r) B A x, with A [r, in] and B [out, r]. Here, next to the model, because
+# an adapter is named by the layer it adapts: the official module name + ".lora_A.weight" /
+# ".lora_B.weight" (e.g. "layers.3.attention.qkv.lora_A.weight").
+
+# Targets are module names: the attention's fused qkv and output, the SwiGLU's w1/w2/w3, in the
+# joint blocks and both refiners (the default); "adaLN_modulation" (the blocks' and the final
+# layer's modulation) is optional.
+LORA_TARGETS = ("qkv", "out", "w1", "w2", "w3")
+LORA_OPTIONAL = ("adaLN_modulation",)
+
+
+class LoRALinear(nn.Linear):
+    """A Linear whose weight and bias are the wrapped layer's own (shared, not copied), plus the
+    trainable update B A. A starts Kaiming-uniform (nn.Linear's init, as the LoRA paper's code),
+    B at zero: a fresh adapter adds exact zeros, so every output is unchanged."""
+
+    def __init__(self, base, rank, alpha):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.scale = alpha / rank
+        # fp32 whatever the base's dtype: the only trained weights (autocast computes in bf16)
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x):
+        out = super().forward(x)                                           # W x + b
+        update = self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype)))  # B A x, [..., out]
+        return out + (update * self.scale).to(out.dtype)
+
+
+def lora_layer_names(model, targets=LORA_TARGETS):
+    """The names of the Linear layers `targets` picks: those with a target among their name's
+    parts ("layers.0.attention.qkv"; "layers.0.adaLN_modulation.1" for the Sequential's Linear)."""
+    return [name for name, m in model.named_modules()
+            if type(m) is nn.Linear and set(name.split(".")) & set(targets)   # (not yet adapted)
+            and not name.endswith((".lora_A", ".lora_B"))]
+
+
+def add_lora(model, rank, alpha, targets=LORA_TARGETS):
+    """Wrap each target Linear of `model` in a LoRALinear (in place); the adapters are the only
+    new parameters. Records rank, alpha and targets as model.lora. Returns model."""
+    for name in lora_layer_names(model, targets):
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, child, LoRALinear(getattr(owner, child), rank, alpha))
+    model.lora = dict(rank=rank, alpha=alpha, targets=list(targets))
+    return model
+
+
+def lora_state_dict(model):
+    """The adapters only: {"<layer>.lora_A.weight": [r, in], "<layer>.lora_B.weight": [out, r]}."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+
+
+@torch.no_grad()
+def merge_lora(model, adapters, alpha, scale=1.0):
+    """Fold adapters (lora_state_dict's layout) into a plain model's weights:
+    W <- W + scale * (alpha / r) B A, computed in fp32 and rounded once to W's dtype. A negative
+    scale takes a merge back out (to within that rounding)."""
+    for key in adapters:
+        if key.endswith(".lora_A.weight"):
+            layer = key.removesuffix(".lora_A.weight")
+            A, B = adapters[key].float(), adapters[layer + ".lora_B.weight"].float()
+            W = model.get_submodule(layer).weight
+            delta = (scale * alpha / A.shape[0]) * (B.to(W.device) @ A.to(W.device))  # [out, in]
+            W.copy_((W.float() + delta).to(W.dtype))
 
 
 # -------------------------------------------------------------------------------------------------

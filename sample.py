@@ -8,6 +8,7 @@ Sample images from SVG-T2I.
     python sample.py --reconstruct in.png --out rec.png             # what the autoencoder keeps
     python sample.py --toy --init-image in.png --strength 0.8 --prompt "two blue circles"
     python sample.py --prompt "a cat" --enhance                    # rewritten by Gemma-2 first
+    python sample.py --prompt "a cat" --lora runs/cats/lora.safetensors:0.8  # a fine-tune's LoRA
 
 Each image is written as soon as its batch is decoded (under a temporary name, then renamed), so an
 interrupted run keeps every image it finished, and running the same command again completes it.
@@ -68,6 +69,8 @@ def parse_args(argv=None):
     add("--autoencoder", help="override: autoencoder checkpoint")
     add("--dinov3", help="override: DINOv3 weights (--reconstruct and editing)")
     add("--stats", help="override: latent statistics file")
+    add("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="merge a LoRA of "
+        "train.py --lora into the DiT, at SCALE (default 1); repeatable")
     add = p.add_argument_group("system").add_argument
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     add("--dtype", choices=["bf16", "fp32"], help="DiT and Gemma dtype (default: bf16 on GPU)")

@@ -449,13 +449,14 @@ class SVGT2I:
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, gemma_dir=None, device="cpu", dtype=torch.bfloat16,
-                        with_encoder=False, **overrides):
+                        with_encoder=False, lora=(), **overrides):
         """Load the whole pipeline: the release's `pre-trained/` folder (or a checkpoint of ours)
         and a Gemma-2 folder. The DiT and Gemma go to `dtype`; the decoder (and DINOv3, with
         with_encoder) stay fp32, which costs little (43M + 29M parameters) and keeps decoding
-        exact. `overrides`: dit=, autoencoder=, dinov3=, stats= paths that replace what is found."""
+        exact. `lora`: (file, scale) pairs of train.py --lora, merged into the DiT's weights.
+        `overrides`: dit=, autoencoder=, dinov3=, stats= paths that replace what is found."""
         from plumbing.loading import load_pipeline     # (it imports this file: imported here)
-        *parts, files = load_pipeline(ckpt_dir, gemma_dir, device, dtype, with_encoder,
+        *parts, files = load_pipeline(ckpt_dir, gemma_dir, device, dtype, with_encoder, lora,
                                       **overrides)
         return cls(*parts, device=device, dtype=dtype, files=files)
 

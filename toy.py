@@ -25,7 +25,8 @@ ever a training image.
 
     python toy.py --check            # the analyser on ground-truth renders, clean and degraded
     python toy.py --grid shapes.png  # a contact sheet of samples, to look at
-    python toy.py train --out runs/toy   # the toy SVG-T2I, end to end on a CPU (about 30 min)
+    python toy.py train --out runs/toy   # the toy SVG-T2I, end to end on a CPU (about 25 min)
+    python toy.py lora                   # teach it a new word with a LoRA (train.py --lora)
 
 The training command calls the trainers as a user would (train_autoencoder.main and train.main with
 argument lists); they never import this file, and importing it needs no torch.
@@ -466,9 +467,10 @@ def write_data(folder, n, seed=TRAIN_SEED):
 # the toy decoder's recipe for train_autoencoder.py: the whole 64-px images (fixed-size crops at 64
 # px), no LPIPS, no GAN, and three options the paper's recipe does not use: 94% of a render is one
 # exact grey, and with L1 alone the background's gradient, larger than the shapes' and opposed to
-# it, keeps the shapes undrawn for hundreds of steps; an L2 term (as large as the L1), Adam's usual
-# betas and a cosine decay draw them (held-out PSNR: README)
-DECODER_RECIPE = dict(global_batch=16, lr=2e-3, l2_weight=1.0, betas="0.9,0.999",
+# it, keeps the shapes undrawn for hundreds of steps; an L2 term (weighted 10 x the L1: the
+# squared errors of the few shape pixels then lead), Adam's usual betas and a cosine decay draw
+# them (held-out PSNR and the score per weight: README)
+DECODER_RECIPE = dict(global_batch=16, lr=2e-3, l2_weight=10.0, betas="0.9,0.999",
                       lr_schedule="cosine")
 
 
@@ -626,6 +628,117 @@ def train(args):
 
 
 # -------------------------------------------------------------------------------------------------
+# A new word, taught by LoRA: python toy.py lora
+# "crimson" is a word the bundled model never read (its tokenizer spells it in five pieces). A LoRA
+# trained by train.py --lora on a few hundred renders makes it mean red; the analyser reads back,
+# on held-out prompts, how often "crimson" comes out red, and whether the rest is remembered.
+
+NEW_WORD, MEANING = "crimson", "red"
+WORD_SEED = 2           # the LoRA's renders (TRAIN_SEED and HELDOUT_SEED are taken)
+LORA_RECIPE = dict(rank=4, images=400, steps=300, global_batch=16, lr=1e-3)
+
+
+def with_word(text):
+    """A caption with the colour MEANING renamed NEW_WORD: "two crimson circles on the left"."""
+    return " ".join(NEW_WORD if w == MEANING else w for w in text.split())
+
+
+def write_word_data(folder, n, seed=WORD_SEED):
+    """n renders for the LoRA: every other one a red scene captioned with the new word, the rest
+    random scenes with their own captions (rehearsal: the word is learnt, the rest kept)."""
+    from plumbing.files import atomic_write
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        scene = sample_scene(rng)
+        if i % 2 == 0:
+            scene = Scene(scene.count, MEANING, scene.shape, scene.position)
+        render(scene, SIZE, rng).save(folder / f"{i:06d}.png")
+        text = with_word(caption(scene)) if i % 2 == 0 else caption(scene)
+        lines.append(json.dumps({"path": f"{i:06d}.png", "prompt": text}))
+    text = "\n".join(lines) + "\n"
+    return atomic_write(folder / "data.jsonl", lambda tmp: tmp.write_text(text))
+
+
+def word_prompts(n, seed=HELDOUT_SEED):
+    """n held-out prompts with the new word: the held-out prompts of red scenes, renamed. Returns
+    (prompt, the caption it means)."""
+    reds = [p for p in heldout_prompts(4 * n + len(CAPTIONS), seed) if MEANING in p.split()]
+    return [(with_word(p), p) for p in reds[:n]]
+
+
+def evaluate_word(pipe, n_word=60, n_heldout=180, seed=0):
+    """The pipeline on n_word new-word prompts (the share drawn in the colour the word means) and
+    on the n_heldout prompts of sample.py --score (their summary). Returns (share, summary,
+    the new-word images)."""
+    from svgt2i import Sampling
+
+    def draw(prompts):          # image k from seed + k, as sample.py --score draws them
+        return pipe.generate(prompts, SIZE, SIZE, seed=seed, sampling=Sampling(**SAMPLING),
+                             batch_size=30)
+    words, prompts = word_prompts(n_word), heldout_prompts(n_heldout)
+    images = draw([w for w, _ in words])
+    share = float(np.mean([score(im, meant)["colour"] for im, (_, meant) in zip(images, words)]))
+    return share, summarise([score(im, p) for im, p in zip(draw(prompts), prompts)]), images
+
+
+def teach_word(args):
+    """python toy.py lora: the new-word renders, train.py --lora on the bundle (rank, steps and lr of
+    LORA_RECIPE unless given), then the bundle before and after the LoRA, measured."""
+    import torch
+
+    import train as dit_trainer
+    from plumbing.runs import Dist
+    from svgt2i import SVGT2I
+
+    work, bundle = Path(os.path.abspath(args.out)), Path(os.path.abspath(args.bundle or BUNDLE))
+    work.mkdir(parents=True, exist_ok=True)
+    log = Dist(log_file=work / "log.txt").log
+    recipe = {k: getattr(args, k) if getattr(args, k) is not None else v
+              for k, v in LORA_RECIPE.items()}
+    if not (work / "data" / "data.jsonl").is_file():
+        write_word_data(work / "data", recipe["images"])
+    run = work / "lora"
+    argv = ["--model", "toy", "--data", str(work / "data" / "data.jsonl"), "--out", str(run),
+            "--init-from", str(bundle / "ema.safetensors"), "--autoencoder",
+            str(bundle / "autoencoder.safetensors"), "--gemma", str(bundle / "text_encoder"),
+            "--stats", str(bundle / "latent_stats.pt"), "--system-prompt", "empty", "--cache",
+            str(work / "cache"),
+            "--precision", "fp32", "--text-dtype", "fp32", "--seed", str(args.seed),
+            "--lora", str(recipe["rank"]), "--steps", str(recipe["steps"]), "--global-batch",
+            str(recipe["global_batch"]), "--lr", str(recipe["lr"]), "--save-every",
+            str(recipe["steps"]), "--keep", "1", "--log-every", "50"]
+    dit_trainer.main(argv + (["--resume"] if (run / "latest").is_file() else []))
+    reached(run, recipe["steps"], "LoRA")
+    results = {}
+    for name, lora in (("before", ()), ("after", [(run, 1.0)])):
+        pipe = SVGT2I.from_pretrained(str(bundle), str(bundle / "text_encoder"),
+                                      dtype=torch.float32, lora=lora)
+        results[name] = evaluate_word(pipe, args.prompts, args.heldout)
+        share, summary, _ = results[name]
+        log(f"{name} the LoRA: '{NEW_WORD}' drawn {MEANING} in {share:.3f} of {args.prompts} "
+            f"held-out prompts; the {args.heldout} held-out prompts score "
+            f"{summary['overall']:.3f} ({', '.join(f'{k} {summary[k]:.3f}' for k in CATEGORIES[:4])})")
+    if args.sheet:
+        save_sheet(args.sheet, [results["before"][2][:8], results["after"][2][:8]])
+    return results
+
+
+def save_sheet(path, rows, gap=2):
+    """Rows of images as one picture, white gaps between them."""
+    size = rows[0][0].size[0]
+    sheet = Image.new("RGB", (len(rows[0]) * (size + gap) - gap, len(rows) * (size + gap) - gap),
+                      "white")
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            sheet.paste(im, (c * (size + gap), r * (size + gap)))
+    sheet.save(path)
+
+
+# -------------------------------------------------------------------------------------------------
 # command line
 
 
@@ -673,7 +786,7 @@ def parse_args(argv=None):
     p.add_argument("--grid", metavar="PNG", help="save a contact sheet of training samples")
     p.add_argument("--n", type=int, default=500, help="images for --check (default 500)")
     p.add_argument("--size", type=int, default=128, help="image size (default 128)")
-    commands = p.add_subparsers(dest="command", metavar="train")
+    commands = p.add_subparsers(dest="command", metavar="{train,lora}")
     t = commands.add_parser("train", help="train the toy SVG-T2I on a CPU: data, frozen parts, "
                             "decoder (train_autoencoder.py), DiT (train.py), bundle")
     t.add_argument("--out", default="runs/toy",
@@ -694,15 +807,28 @@ def parse_args(argv=None):
                    help="seed of the frozen parts, the decoder and the DiT (default 0)")
     t.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: torch's choice)")
+    w = commands.add_parser("lora", help=f"teach the bundled model the word '{NEW_WORD}' "
+                            "(train.py --lora), and measure it before and after")
+    w.add_argument("--out", default="runs/toy-lora", help="the run's folder (default "
+                   "runs/toy-lora)")
+    w.add_argument("--bundle", default=None, help="the toy model to teach (default assets/toy)")
+    for name, what in (("rank", "LoRA rank"), ("images", "training renders"),
+                       ("steps", "LoRA steps"), ("global_batch", "batch"), ("lr", "learning rate")):
+        w.add_argument("--" + name.replace("_", "-"), type=type(LORA_RECIPE[name]), default=None,
+                       help=f"{what} (default {LORA_RECIPE[name]})")
+    w.add_argument("--seed", type=int, default=0, help="the adapters' init and the data order")
+    w.add_argument("--prompts", type=int, default=60, help="held-out prompts with the new word")
+    w.add_argument("--heldout", type=int, default=180, help="held-out prompts of --score")
+    w.add_argument("--sheet", metavar="PNG", help="save 8 new-word images, before and after")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.command == "train":
+    if args.command in ("train", "lora"):
         from plumbing.cli import command_line
         with command_line("toy.py"):
-            train(args)
+            (train if args.command == "train" else teach_word)(args)
         return
     if args.grid:
         grid(args.grid, size=args.size)

@@ -25,6 +25,8 @@ from Gemma-2, torch DDP or FSDP2 on one or many nodes, bf16 autocast, the paper'
     python train.py --model tiny --data data.jsonl --out runs/tiny
     # the toy model of toy.py (data, frozen parts, decoder, then this same loop)
     python toy.py train
+    # fine-tune the release on your images through rank-16 LoRA adapters, on one GPU
+    python train.py --stage 3 --lora 16 --init-from pre-trained/dit-*/ --data mine.jsonl ...
 
 A step (the loop below): a micro-batch of images, each cropped to the aspect bucket closest to its
 own (data.py), is encoded by DINOv3 in fp32 and normalised with the latent statistics (x1); t is
@@ -49,10 +51,11 @@ import time
 import torch
 
 from data import Records, TrainSet, crops_for
-from nextdit import PRESETS, NextDiT, NextDiTConfig, nextdit_keymap
+from nextdit import LORA_TARGETS, PRESETS, NextDiT, NextDiTConfig, lora_state_dict, nextdit_keymap
 from plumbing import UsageError
 from plumbing.cli import HelpFormatter, add_system_args, check_train_args, command_line
 from plumbing.files import read_state_dict
+from plumbing.loading import lora_model
 from plumbing.frozen import dit_run_record, setup_frozen
 from plumbing.release import DIT_CHECKPOINT_FILES, init_weights_file
 from plumbing.runs import (Dist, Meter, batch_plan, check_finite, check_replicas,
@@ -80,15 +83,14 @@ STAGES = {
 }
 RECIPE = dict(save_every=2000, log_every=10, workers=min(4, os.cpu_count() or 1),
               checkpointing=True, threads=0, lr=2e-4, ema_decay=0.9999)
-# --model tiny runs every stage on a CPU: half the resolution, small batches, few steps. One
-# intra-op thread: the tiny tensors gain nothing from more, and on a busy machine extra
-# threads only spin.
+# --model tiny runs every stage on a CPU: half the resolution, small batches, few steps; one
+# intra-op thread (the tiny tensors gain nothing from more; on a busy machine extra ones spin).
 TINY_STAGE = dict(global_batch=16, steps=100, save_every=50, log_every=10, workers=0,
                   checkpointing=False, threads=1)
-# --model toy (python toy.py train): 64-px images (a 4 x 4 grid of DINOv3 patches), a higher lr
-# and a shorter EMA for a 2,200-step run.
+# --model toy (python toy.py train): 64-px images (4 x 4 DINOv3 patches), a higher lr, a shorter
+# EMA for 2,200 steps; no activation checkpointing (same weights bit for bit, a quarter faster).
 TOY_STAGE = dict(resolution=64, global_batch=64, steps=2200, lr=1e-3, ema_decay=0.999,
-                 save_every=250, log_every=50, workers=0)
+                 save_every=250, log_every=50, workers=0, checkpointing=False)
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.95), 1e-15  # upstream's AdamW; a constant lr (no warm-up, schedule)
 T_BINS = 10                                # loss is logged per t-bin: [0, 0.1), ..., [0.9, 1]
@@ -160,6 +162,12 @@ def parse_args(argv=None):
                    help="images used to compute the statistics")
     g.add_argument("--cache", metavar="DIR", help="precompute DINOv3 latents and Gemma features "
                    "of the whole data set into DIR (once), then train from it")
+    g = p.add_argument_group("LoRA: fine-tune --init-from's DiT, frozen, through low-rank adapters")
+    g.add_argument("--lora", type=int, metavar="RANK", help="train rank-RANK adapters (nextdit.py, "
+                   "LoRA); the base is held in the autocast dtype and its shape is --init-from's")
+    g.add_argument("--lora-alpha", type=float, help="adapter scale alpha / rank (default: rank)")
+    g.add_argument("--lora-targets", default=",".join(LORA_TARGETS), help="the layers adapted, by "
+                   "name: qkv, out, w1, w2, w3 (attention and SwiGLU), adaLN_modulation")
     g = add_system_args(p)
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="DiT autocast (master weights stay fp32); auto: bf16 on GPU, fp32 on CPU")
@@ -216,14 +224,16 @@ def build_model(args, config, dist, init_file, bf16):
     trainable parameters, AdamW and an fp32 EMA of every tensor (sharded as the weights are)."""
     torch.manual_seed(args.seed)
     with torch.device(dist.device):    # whole on every rank first: the same init as unsharded
-        model = NextDiT(config)
+        # (--lora: the base, frozen, from --init-from's file, and fresh adapters)
+        model = lora_model(init_file, args, config, dist.device, bf16) if args.lora else \
+            NextDiT(config)
     model.grad_checkpointing = args.checkpointing
     if args.compile:
         model.compile_blocks()
     # `norm_final` is in every checkpoint but unused by forward: frozen, or DDP waits for its
     # gradient forever
     model.norm_final.requires_grad_(False)
-    if init_file is not None:          # what fits: mis-shaped tensors are dropped with a warning
+    if init_file is not None and not args.lora:  # what fits: mis-shaped tensors dropped, warned
         load_fitting(model, nextdit_keymap(read_state_dict(str(init_file))),
                      f"--init-from {init_file}", dist)
     if args.parallel == "fsdp":
@@ -235,7 +245,8 @@ def build_model(args, config, dist, init_file, bf16):
             {"foreach": True} if args.parallel == "fsdp" else {})
     opt = torch.optim.AdamW(params, lr=args.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
                             weight_decay=args.weight_decay, **impl)
-    ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+    ema = {k: v.detach().clone().float()       # of every tensor; with --lora, of the adapters
+           for k, v in (lora_state_dict(model) if args.lora else model.state_dict()).items()}
     dist.log(f"NextDiT {args.model}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable "
              f"parameters, {config.in_channels} latent channels, caption width "
              f"{config.cap_feat_dim}")
@@ -280,7 +291,8 @@ def ema_decay(args, n):
 @torch.no_grad()
 def update_ema(ema, model, decay):
     for name, p in model.named_parameters():
-        ema[name].lerp_(p.detach().float(), 1 - decay)
+        if p.requires_grad:            # (a frozen tensor's EMA is itself)
+            ema[name].lerp_(p.detach().float(), 1 - decay)
 
 
 def train_flops(config, cap_lens, img_lens):
@@ -343,8 +355,8 @@ def train(args):
     out = open_run(args.out, args.resume, dist)
     resume_from = args.resume and checkpoint_to_resume(args.resume, out, DIT_CHECKPOINT_FILES,
                                                        dist.warn)
-    init_file = (init_weights_file(args.init_from, args.init_from_ema)
-                 if args.init_from and not resume_from else None)
+    init_file = (init_weights_file(args.init_from, args.init_from_ema)   # (--lora: its base)
+                 if args.init_from and (args.lora or not resume_from) else None)
 
     # Setup the frozen parts: given, else from the run we continue or start from, else (tiny)
     # made here; the feature cache; the latent statistics (computed if not given)
@@ -357,6 +369,7 @@ def train(args):
     # Setup the model, AdamW and the EMA: the same init on every rank; then the resumed state
     config = build_config(args, stats.channels, text_dim)
     model, params, opt, ema = build_model(args, config, dist, init_file, precision == "bf16")
+    config = model.config                         # (--lora: the base's)
     step = position = ema_updates = skipped = 0   # skipped: this rank's unreadable images
     if resume_from:
         read_model_ema_optimizer(resume_from, model, ema, opt, f"--model {args.model}")

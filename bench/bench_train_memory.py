@@ -2,6 +2,7 @@
 in the README. No GPU is used or needed.
 
     python bench/bench_train_memory.py [--micro-batch 48] [--cap-len 256] [--grid 16] [--gpus 8 16 64]
+    python bench/bench_train_memory.py --lora 16 64      # train.py --lora on one GPU: the README's LoRA table
 
 Model state: exact parameter counts of the presets (built on the meta device) times the bytes each holds:
 DDP keeps on every GPU fp32 weights (4), fp32 gradients (4, DDP's buckets are views of them), AdamW's two fp32
@@ -19,6 +20,13 @@ sample at the worst case: a full caption of --cap-len tokens and a --grid x --gr
 checkpointing a joint block keeps only its fp32 input during the forward and recomputes one block at a time in
 the backward. CPU kernels are not CUDA's (flash / memory-efficient attention save the same out + logsumexp, but
 a GPU measurement would settle the last few percent); the caching allocator's fragmentation is not counted.
+
+--lora RANK ...: one GPU of train.py --lora: the frozen base in bf16 (2 bytes per parameter: no fp32 master, no
+gradient, no AdamW, no EMA), the adapters of the default targets with fp32 weights, gradients, AdamW and EMA (20
+bytes per adapter parameter), and the activations measured as above on the model with its adapters (the base frozen:
+autograd saves what the adapters' and the inputs' gradients need), with checkpointing, at 256, 512 and 1024 px
+(captions of 256, 256 and 512 tokens: stages 1, 2 and 4) and micro-batch 1-4; with Gemma-2-2B in bf16 and DINOv3 on
+the GPU, or without them (--cache: the features precomputed).
 """
 
 import argparse
@@ -96,13 +104,15 @@ def saved_by_region(model, out):
             h.remove()
 
 
-def measure(name, cap_len=24, grid=4, batch=2):
+def measure(name, cap_len=24, grid=4, batch=2, lora_rank=None):
     """Saved bytes per padded token and block of each region, from one bf16-autocast forward of `batch` samples at
     the real width with 1 joint layer (captions of cap_len and cap_len - 8 tokens: padded, so masked as in
     training)."""
     cfg = dataclasses.replace(NextDiTConfig.from_name(name), in_channels=384, cap_feat_dim=2304, n_layers=1)
     torch.manual_seed(0)
     model = NextDiT(cfg)
+    if lora_rank:                                           # train.py --lora: the base frozen, adapters trained
+        nextdit.add_lora(model.requires_grad_(False), lora_rank, lora_rank)
     g = torch.Generator().manual_seed(0)
     x1 = [torch.randn(384, grid, grid, generator=g) for _ in range(batch)]
     noise = [torch.randn(384, grid, grid, generator=g) for _ in range(batch)]
@@ -142,15 +152,40 @@ def frozen_bytes():
     return 2 * count(gemma), 2 * count(gemma.embed_tokens), 2 * max(count(l) for l in gemma.layers), 4 * count(dino)
 
 
+def lora_table(ranks, gemma, dino):
+    """The README's LoRA table: one GPU, rank x resolution x micro-batch, GB with and without the frozen encoders."""
+    with torch.device("meta"):
+        base = NextDiT(dataclasses.replace(NextDiTConfig.from_name("2b"), in_channels=384, cap_feat_dim=2304))
+    total = count(base)
+    print("| rank | px | micro-batch | base bf16 | adapters + grads, AdamW, EMA | activations (checkpointing) | "
+          "total, --cache | + Gemma bf16, DINOv3 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for rank in ranks:
+        with torch.device("meta"):
+            adapters = sum(v.numel() for v in nextdit.lora_state_dict(nextdit.add_lora(
+                NextDiT(dataclasses.replace(NextDiTConfig.from_name("2b"), in_channels=384,
+                                            cap_feat_dim=2304)), rank, rank)).values())
+        per_token, cfg = measure("2b", lora_rank=rank)
+        for px, cap_len in ((256, 256), (512, 256), (1024, 512)):
+            for B in (1, 2, 3, 4):
+                _, ckpt = activations(per_token, cfg, B, cap_len, px // 16)
+                kept = 2 * total + 20 * adapters
+                print(f"| {rank} | {px} | {B} | {2 * total / GB:.2f} | {adapters / 1e6:.1f}M: {20 * adapters / GB:.2f} | "
+                      f"{ckpt / GB:.2f} | **{(kept + ckpt) / GB:.1f}** | {(kept + ckpt + gemma + dino) / GB:.1f} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--micro-batch", type=int, default=48, help="images per GPU per forward (README's stage 1)")
     p.add_argument("--cap-len", type=int, default=256, help="caption tokens (stage 1's maximum)")
     p.add_argument("--grid", type=int, default=16, help="latent grid side (256 px / 16)")
     p.add_argument("--gpus", type=int, nargs="+", default=[8, 16, 64])
+    p.add_argument("--lora", type=int, nargs="+", metavar="RANK", help="the LoRA table (train.py --lora) instead")
     args = p.parse_args()
     torch.set_num_threads(1)
     gemma, embed, gemma_layer, dino = frozen_bytes()
+    if args.lora:
+        return lora_table(args.lora, gemma, dino)
     print(f"frozen: Gemma-2-2B bf16 {gemma / GB:.2f} GB (with --shard-text-encoder {gemma / GB:.2f} / N + "
           f"{(embed + 2 * gemma_layer) / GB:.2f} gathered while encoding), DINOv3 fp32 {dino / GB:.2f} GB")
     rows = []

@@ -189,10 +189,42 @@ def check_train_args(args, stages):
         args.model_config = json_object(args.model_config, "--model-config",
                                         "NextDiTConfig fields, e.g. '{\"n_layers\": 8}'")
     check_run_numbers(args)
+    check_lora_args(args)
     check_config(NextDiTConfig.from_name(args.model), args.model_config or {}, "--model-config",
                  NextDiT, fixed=("in_channels", "cap_feat_dim"))     # (they follow the encoders)
     return absolute_paths(args, ("data", "out", "autoencoder", "dinov3", "gemma", "stats", "cache",
                                  "init_from"))
+
+
+def check_lora_args(args):
+    """train.py --lora RANK and its flags: a positive rank, alpha > 0 (default: the rank), known
+    target names (a list after this), a base to fine-tune, DDP."""
+    from nextdit import LORA_OPTIONAL, LORA_TARGETS
+    if args.lora is None:
+        if args.lora_alpha is not None or args.lora_targets != ",".join(LORA_TARGETS):
+            raise UsageError("--lora-alpha and --lora-targets go with --lora RANK")
+        return
+    if not 1 <= args.lora <= 4096:
+        raise UsageError(f"--lora {args.lora}: the adapters' rank must be a positive integer "
+                         "(e.g. 16)")
+    if args.lora_alpha is None:
+        args.lora_alpha = float(args.lora)
+    if args.lora_alpha <= 0:
+        raise UsageError(f"--lora-alpha {args.lora_alpha}: must be positive (the update's scale "
+                         "is alpha / rank)")
+    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    unknown = [t for t in targets if t not in LORA_TARGETS + LORA_OPTIONAL]
+    if unknown or not targets:
+        raise UsageError(f"--lora-targets {args.lora_targets!r}: "
+                         f"{'unknown ' + repr(unknown[0]) if unknown else 'empty'}; choose among "
+                         f"{', '.join(LORA_TARGETS + LORA_OPTIONAL)}")
+    args.lora_targets = list(dict.fromkeys(targets))
+    if not args.init_from:
+        raise UsageError("--lora needs --init-from: the DiT to fine-tune (the release's "
+                         "consolidated*.pth, or a run of ours)")
+    if args.parallel == "fsdp":
+        raise UsageError("--lora with --parallel fsdp: not supported; the frozen base in bf16 (5.2 GB "
+                         "for the 2B model) fits each GPU: use the default --parallel ddp")
 
 
 def check_autoencoder_args(args, stages, recipe):

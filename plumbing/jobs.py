@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from plumbing import UsageError
-from plumbing.release import DOWNLOAD_HINT, GEMMA_DIRS, RELEASE_DIRS, TOY_BUNDLE, default_folder
+from plumbing.release import (DOWNLOAD_HINT, GEMMA_DIRS, RELEASE_DIRS, TOY_BUNDLE, checkpoint_folder,
+                              default_folder)
 
 # The official evaluation scripts look for the prompt under these fields, in this order.
 PROMPT_FIELDS = ("refined_prompt", "prompt", "gpt_4_caption", "caption", "text", "description",
@@ -143,6 +144,24 @@ LIMITS_WHY = {"n": "images in one run", "steps": "the official runs take 50",
               "captions ten times"}
 
 
+def lora_flag(value):
+    """--lora FILE or FILE:SCALE -> (FILE, SCALE); the file must exist (a LoRA run's folder stands
+    for its lora.safetensors)."""
+    path, _, tail = value.rpartition(":")
+    try:
+        scale = float(tail)
+    except ValueError:
+        path, scale = value, 1.0
+    if not path or not math.isfinite(scale):
+        raise UsageError(f"--lora {value}: use FILE or FILE:SCALE with a finite scale, e.g. "
+                         "lora.safetensors:0.8")
+    if not os.path.exists(path):
+        raise UsageError(f"--lora {path}: no such file")
+    if os.path.isdir(path):         # recorded in the PNGs as the file it is now
+        path = os.path.join(checkpoint_folder(path), "lora.safetensors")
+    return path, scale
+
+
 def check_numbers(args):
     """The numbers on the command line, before anything is loaded."""
     for name in ("h", "w"):
@@ -162,6 +181,7 @@ def check_numbers(args):
         v = getattr(args, name)
         if v is not None and not math.isfinite(v):
             raise UsageError(f"--{name.replace('_', '-')} {v}: must be a finite number")
+    args.lora = [lora_flag(value) for value in args.lora]
     if args.shift is not None and args.shift <= 0:
         raise UsageError(f"--shift {args.shift}: must be positive (1 = no shift; the official "
                          "value is 10)")
@@ -242,14 +262,18 @@ def sampling(args):
 
 
 def weight_flags(args):
-    """The per-file flags, as SVGT2I.from_pretrained takes them: each replaces what is found."""
-    return dict(dit=args.dit, autoencoder=args.autoencoder, stats=args.stats, dinov3=args.dinov3)
+    """The per-file flags, as SVGT2I.from_pretrained takes them: each replaces what is found;
+    the LoRAs (FILE, SCALE) are merged into the DiT."""
+    return dict(dit=args.dit, autoencoder=args.autoencoder, stats=args.stats, dinov3=args.dinov3,
+                lora=args.lora)
 
 
 def say_loaded(pipe, device, dtype, t0):
     """What was loaded (the DiT file), on which device and dtype, how fast."""
     print(f"loaded {pipe.files['dit']} (+ autoencoder, statistics, Gemma) on {device} "
           f"({str(dtype).replace('torch.', '')}) in {time.time() - t0:.1f}s", file=sys.stderr)
+    for path, scale in pipe.files.get("lora", ()):
+        print(f"merged LoRA {path} at scale {scale:g}", file=sys.stderr)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -677,6 +701,8 @@ def plan_images(args, ckpt, dtype, height, width):
     settings = dict(height=height, width=width, **vars(sampling(args)),
                     dtype=args.dtype or str(dtype).replace("torch.", ""),
                     ckpt="toy" if args.toy and not args.ckpt else ckpt)
+    if args.lora:
+        settings["lora"] = "; ".join(f"{path}:{scale:g}" for path, scale in args.lora)
     if edit:
         settings.update(strength=edit["strength"], **({"mask": args.mask} if args.mask else {}))
     jobs = [Job(i, prompts[i], paths[(i, j)], seed + i * n + j,

@@ -21,11 +21,11 @@ from decoder import (Decoder, DecoderConfig, ResidualViT, ResidualViTConfig, dec
                      residual_vit_keymap)
 from dinov3 import DINOv3, dinov3_keymap, dinov3_official_state_dict
 from gemma2 import Gemma2, Gemma2Config, Gemma2Tokenizer, gemma2_keymap
-from nextdit import NextDiT, NextDiTConfig, nextdit_keymap
+from nextdit import NextDiT, NextDiTConfig, add_lora, merge_lora, nextdit_keymap
 from plumbing import UsageError
 from plumbing.files import key_mismatch, read_json, read_state_dict, read_torch, sub_state_dict
 from plumbing.release import (DOWNLOAD_HINT, LIN_FILE, NEXTDIT_FILES, VGG_FILE, autoencoder_file,
-                              find_weights)
+                              checkpoint_folder, find_weights)
 from svgt2i import Autoencoder, LatentStats, TextEncoder
 
 
@@ -141,6 +141,84 @@ def load_nextdit(path, device="cpu", dtype=torch.bfloat16):
     return nextdit_from_state_dict(read_state_dict(path), device, dtype, source=str(path))
 
 
+# -------------------------------------------------------------------------------------------------
+# LoRA: train.py --lora's model, the adapter files it writes, and their merge at sampling
+
+LORA_FILE = "lora.safetensors"      # in a train.py --lora checkpoint: the adapters to sample with
+
+
+def lora_model(init_file, args, config, device, bf16):
+    """train.py --lora's DiT: the weights of `init_file` frozen, held in bf16 when training in bf16
+    (no fp32 master copy: built on meta, each tensor cast as it is assigned), then fresh fp32
+    adapters (nextdit.add_lora) drawn from the current RNG. `config`'s widths are what the frozen
+    encoders give: the base must take them."""
+    dit = load_nextdit(init_file, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
+    for name in ("in_channels", "cap_feat_dim"):
+        if getattr(dit.config, name) != getattr(config, name):
+            raise UsageError(f"--init-from {init_file}: its DiT has {name} "
+                             f"{getattr(dit.config, name)}, the frozen parts give "
+                             f"{getattr(config, name)}: fine-tune it with its own autoencoder "
+                             "and text encoder")
+    add_lora(dit.requires_grad_(False).train(), args.lora, args.lora_alpha, args.lora_targets)
+    dit.lora["base"] = str(init_file)
+    return dit
+
+
+def lora_metadata(lora):
+    """A LoRA file's safetensors metadata: rank, alpha, targets and the base it was trained on."""
+    return {"lora_rank": str(lora["rank"]), "lora_alpha": repr(float(lora["alpha"])),
+            "lora_targets": ",".join(lora["targets"]), "lora_base": lora.get("base", "")}
+
+
+def read_lora(path):
+    """A LoRA file (or a LoRA run's / checkpoint's lora.safetensors): (adapters, alpha, path),
+    checked to hold adapter pairs only, of one rank, with lora_alpha in its metadata."""
+    from safetensors import safe_open
+    path = Path(path)
+    path = Path(checkpoint_folder(str(path))) / LORA_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise UsageError(f"--lora {path}: no such file (expected a {LORA_FILE} written by "
+                         "train.py --lora, or its run folder)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta, adapters = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        alpha = float(meta["lora_alpha"])
+    except Exception as e:
+        raise UsageError(f"--lora {path}: not a LoRA file of train.py --lora ({type(e).__name__}"
+                         f" {e}): pass the {LORA_FILE} of a --lora run") from None
+    for key in sorted(adapters):
+        layer, kind = key.rsplit(".lora_", 1) if ".lora_" in key else (key, "")
+        pair = adapters.get(f"{layer}.lora_{'B' if kind == 'A.weight' else 'A'}.weight")
+        if kind not in ("A.weight", "B.weight") or pair is None or adapters[key].dim() != 2:
+            raise UsageError(f"--lora {path}: {key} is not one of a pair of adapter matrices "
+                             "(<layer>.lora_A.weight [r, in], <layer>.lora_B.weight [out, r])")
+    ranks = {v.shape[0] for k, v in adapters.items() if k.endswith("lora_A.weight")}
+    ranks |= {v.shape[1] for k, v in adapters.items() if k.endswith("lora_B.weight")}
+    if len(ranks) != 1:
+        raise UsageError(f"--lora {path}: the adapters do not share one rank ({sorted(ranks)})")
+    return adapters, alpha, path
+
+
+def apply_lora(dit, path, scale=1.0):
+    """Merge the LoRA file `path` into `dit` at `scale` (nextdit.merge_lora), once every adapter
+    is checked against it: one line names the first layer the DiT lacks or whose shape differs
+    (a LoRA of another model). Returns the file's path."""
+    adapters, alpha, path = read_lora(path)
+    layers = dict(dit.named_modules())
+    for key in sorted(k for k in adapters if k.endswith(".lora_A.weight")):
+        layer = key.removesuffix(".lora_A.weight")
+        A, B = adapters[key], adapters[layer + ".lora_B.weight"]
+        if not isinstance(layers.get(layer), torch.nn.Linear):
+            raise UsageError(f"--lora {path}: {key}: this DiT has no linear layer {layer!r} (a "
+                             "LoRA of another model)")
+        if (B.shape[0], A.shape[1]) != tuple(layers[layer].weight.shape):
+            raise UsageError(f"--lora {path}: {key}: adapts a {B.shape[0]} x {A.shape[1]} layer, "
+                             f"but this DiT's {layer} is {tuple(layers[layer].weight.shape)} (a "
+                             "LoRA of another model)")
+    merge_lora(dit, adapters, alpha, scale)
+    return path
+
+
 def decoder_from_state_dict(sd, device="cpu", dtype=torch.float32, source="state dict"):
     """The pixel decoder from an autoencoder state dict (`decoder.*`) or a bare decoder state dict;
     P or R and all sizes come from the shapes."""
@@ -219,12 +297,14 @@ def load_latent_stats(path, channels=384, layer=-1):
 
 
 def load_pipeline(ckpt_dir, gemma_dir=None, device="cpu", dtype=torch.bfloat16,
-                  with_encoder=False, **overrides):
+                  with_encoder=False, lora=(), **overrides):
     """SVGT2I.from_pretrained's parts: (dit, autoencoder, stats, text encoder, the files), found by
     plumbing.release.find_weights (`overrides`: dit=, autoencoder=, dinov3=, stats= paths). The DiT
-    and Gemma in `dtype`, the decoder (and DINOv3) in fp32."""
+    and Gemma in `dtype`, the decoder (and DINOv3) in fp32. Each (file, scale) of `lora` is merged
+    into the DiT (apply_lora) and listed in files["lora"]."""
     files = find_weights(ckpt_dir, gemma_dir, **overrides)
     dit = load_nextdit(files["dit"], device=device, dtype=dtype)
+    files["lora"] = [(str(apply_lora(dit, path, scale)), scale) for path, scale in lora]
     autoencoder = load_autoencoder(files["autoencoder"], dinov3_path=files["dinov3"],
                                    device=device, dtype=torch.float32, encoder=with_encoder)
     if with_encoder and autoencoder.encoder is None:

@@ -53,8 +53,9 @@ FROZEN = ("autoencoder", "dinov3", "gemma")    # the frozen parts a DiT run reco
 # What a training checkpoint folder of ours holds; --resume checks each before trusting it ("a|b":
 # either). train.py: full safetensors in every mode (what sample.py and --init-from read), then
 # optimizer.pt (ddp) or dcp/ (fsdp: torch.distributed.checkpoint); either resumes in either mode.
-DIT_CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.pt|dcp", "state.pt",
-                        "run.json", "latent_stats.pt")
+DIT_CHECKPOINT_FILES = ("model.safetensors|lora_train.safetensors",
+                        "ema.safetensors|lora.safetensors", "optimizer.pt|dcp", "state.pt",
+                        "run.json", "latent_stats.pt")     # (lora*: a train.py --lora checkpoint)
 # train_autoencoder.py (R's latent_stats.pt is written last, at the final step)
 AUTOENCODER_CHECKPOINT_FILES = ("autoencoder.safetensors", "optimizer.pt", "state.pt", "run.json")
 # LPIPS' weights (train_autoencoder.py): torchvision's ImageNet VGG16 and the lpips package's layers

@@ -708,8 +708,15 @@ def compute_stats(dist, records, indices, crops, encode_images, cache, batch, pa
         raise UsageError(f"cannot compute latent statistics: none of {len(indices)} images could "
                          "be read (pass --stats FILE)")
     if dist.main:
-        atomic_write(path, lambda tmp: torch.save(acc.state(), tmp))
+        atomic_write(path, lambda tmp: save_reproducibly(acc.state(), tmp))
     dist.barrier()
+
+
+def save_reproducibly(obj, path):
+    """torch.save through a file object: the archive's inner folder is then always "archive", not
+    the (temporary) file's name, so the same statistics are the same bytes."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -331,6 +331,8 @@ def write_model_ema_optimizer(folder, model, ema, opt, dist, sharded, step):
     AdamW and EMA shards, every rank writing its own). Every rank calls it (the full files are
     gathered tensor by tensor)."""
     meta = {"format": "pt", "step": str(step)}
+    if getattr(model, "lora", None):      # train.py --lora: the adapters only (the base is a file)
+        return write_lora(Path(folder), model, ema, opt, dist, meta)
     write_safetensors(Path(folder) / "model.safetensors", model.state_dict(), dist.main, meta)
     write_safetensors(Path(folder) / "ema.safetensors", ema, dist.main, meta)
     if sharded:
@@ -344,6 +346,8 @@ def read_model_ema_optimizer(folder, model, ema, opt, model_flags):
     optimizer (sharded or not: each rank keeps its part; dcp/ is resharded). A checkpoint of
     another model is a UsageError naming `model_flags` (e.g. "--model tiny")."""
     folder = Path(folder)
+    if getattr(model, "lora", None) or not (folder / "model.safetensors").is_file():
+        return read_lora_checkpoint(folder, model, ema, opt)
     try:
         if (folder / "dcp").is_dir():
             load_sharded(folder / "dcp", model, opt, ema=ema)
@@ -355,3 +359,38 @@ def read_model_ema_optimizer(folder, model, ema, opt, model_flags):
         raise UsageError(f"--resume {folder}: the checkpoint does not fit {model_flags} "
                          f"({str(e).strip().splitlines()[0]}): pass the run's "
                          "--model/--model-config") from None
+
+
+def write_lora(folder, model, ema, opt, dist, meta):
+    """A train.py --lora checkpoint's weights: lora.safetensors (the adapters' EMA: the file to
+    sample with), lora_train.safetensors (the adapters as trained) and optimizer.pt, the LoRA's
+    rank, alpha, targets and base in both files' metadata."""
+    from nextdit import lora_state_dict
+    from plumbing.loading import lora_metadata
+    meta = {**meta, **lora_metadata(model.lora)}
+    write_safetensors(folder / "lora.safetensors", ema, dist.main, meta)
+    write_safetensors(folder / "lora_train.safetensors", lora_state_dict(model), dist.main, meta)
+    if dist.main:
+        torch.save(opt.state_dict(), folder / "optimizer.pt")
+
+
+def read_lora_checkpoint(folder, model, ema, opt):
+    """write_lora's checkpoint into this run's adapters, their EMA and AdamW; it must be a LoRA
+    checkpoint of the same rank, alpha and targets (one line otherwise)."""
+    from safetensors import safe_open
+
+    from nextdit import lora_state_dict
+    from plumbing.loading import lora_metadata
+    if not (folder / "lora_train.safetensors").is_file() or not getattr(model, "lora", None):
+        what = "a LoRA checkpoint: add its --lora" if not getattr(model, "lora", None) else \
+            "not a LoRA checkpoint: drop --lora"
+        raise UsageError(f"--resume {folder}: {what}")
+    with safe_open(str(folder / "lora_train.safetensors"), "pt") as f:
+        saved = f.metadata() or {}
+    for key, value in lora_metadata(model.lora).items():
+        if key != "lora_base" and saved.get(key) != value:
+            raise UsageError(f"--resume {folder}: its {key} is {saved.get(key)}, this run's "
+                             f"{value}: resume with the run's own --lora flags")
+    read_into(lora_state_dict(model), folder / "lora_train.safetensors")
+    read_into(ema, folder / "lora.safetensors")
+    load_full_optimizer(opt, folder / "optimizer.pt")

@@ -79,10 +79,10 @@ def test_bundled_toy_follows_prompts_and_needs_guidance():
         args = sample.parse_args(["--toy", "--score", "180", "--cfg", str(cfg)])
         h, w = jobs.resolve_settings(args, BUNDLE)
         return jobs.score_toy(args, BUNDLE, None, torch.device("cpu"), torch.float32, h, w)
-    # measured on the bundled model: 0.878 overall at the default cfg 4, 0.817 with guidance off (lower in every
-    # category); 180 prompts, seed 0
+    # measured on the bundled model: 0.928 overall at the default cfg 4, 0.889 with guidance off (lower in every
+    # category); 180 prompts, seed 0. 0.88 is the bound the bundle is held to.
     guided, unguided = score(4.0), score(1.0)
-    assert guided["overall"] >= 0.80, guided
+    assert guided["overall"] >= 0.88, guided
     assert unguided["overall"] <= guided["overall"] - 0.03, (guided, unguided)
     assert all(unguided[k] <= guided[k] for k in toy.CATEGORIES), (guided, unguided)
 
@@ -105,7 +105,23 @@ def test_bundled_decoder_draws_held_out_renders():
     """The bundled decoder (toy.py's recipe through train_autoencoder.py): held-out renders back at >= 33 dB, and no
     colour bias: no channel's error over the shape pixels departs from the channels' mean by more than 0.005 (an
     L1-only decoder left the shapes half-drawn: 28.5 dB, red +0.02). The mean itself is the shapes' soft edges
-    blending into the grey (measured: +0.015 in every channel; the former loop's decoder +0.010 to +0.014)."""
+    blending into the grey (measured on 300: 36.0 dB, +0.004, +0.003, +0.006; the former loop's decoder +0.010 to
+    +0.014)."""
     psnr, bias = reconstruction_quality(os.path.join(BUNDLE, "autoencoder.safetensors"), 100)
     mean = sum(bias) / 3
-    assert psnr >= 33.0 and max(abs(b - mean) for b in bias) <= 0.005 and 0 <= mean <= 0.02, (psnr, bias)
+    assert psnr >= 33.0 and max(abs(b - mean) for b in bias) <= 0.005 and 0 <= mean <= 0.01, (psnr, bias)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the proof on the toy: a word it never read
+
+
+def test_the_toy_learns_a_new_word_and_keeps_the_rest(tmp_path):
+    """python toy.py lora as it runs (toy.LORA_RECIPE: rank 4, 400 renders, 300 steps of 16, lr 1e-3), through
+    train.py --lora on the bundle. Measured: 'crimson' drawn red in 0.000 of 60 held-out prompts before (chance:
+    0.25), 0.983 after; the 180 held-out prompts score 0.928 before, 0.917 after."""
+    results = toy.teach_word(toy.parse_args(["lora", "--out", str(tmp_path / "run")]))
+    (before, base, _), (after, adapted, images) = results["before"], results["after"]
+    assert before <= 0.25 and after >= 0.8, (before, after)
+    assert abs(base["overall"] - adapted["overall"]) <= 0.03, (base, adapted)
+    assert len(images) == 60
