@@ -141,6 +141,10 @@ def find_weights(ckpt_dir, gemma_dir=None, dit=None, autoencoder=None, dinov3=No
         if gone and key not in need and path == run.get(key):
             found[key] = None
             continue
+        lora = os.path.join(ckpt_dir, "lora.safetensors")
+        if path is None and key == "dit" and os.path.isfile(lora):
+            raise FileNotFoundError(f"{ckpt_dir} is a train.py --lora checkpoint (adapters only): "
+                                    f"sample its base with --lora {ckpt_dir}")
         if path is None and key in need:
             raise FileNotFoundError(f"{ckpt_dir}: no {key} weights found; expected "
                                     f"{EXPECTED[key]} ({DOWNLOAD_HINT})")

@@ -143,6 +143,11 @@ def test_only_the_adapters_train_and_are_saved(world, tmp_path):
     assert shapes == sorted(tuple(v.shape) for v in fresh.values())
     run = json.loads((ckpt / "run.json").read_text())
     assert run["args"]["lora"] == 4 and run["args"]["lora_targets"] == list(nextdit.LORA_TARGETS)
+    # a LoRA checkpoint is not a DiT to sample: one line says what to do
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", str(ckpt), "--gemma", world["gemma"],
+                        "--prompt", "x", "--out", str(tmp_path / "x.png")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "is a train.py --lora checkpoint (adapters only): sample its base with --lora" \
+        in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_the_base_is_frozen_and_gets_no_gradient(world):
