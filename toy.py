@@ -452,12 +452,17 @@ SAMPLING = dict(steps=25, cfg=4.0, shift=2.0, solver="euler", system_prompt="emp
 
 def write_data(folder, n, seed=TRAIN_SEED):
     """n training images of the shapes world as PNGs, and the data.jsonl that lists them."""
+    return write_pairs(folder, make_dataset(n, size=SIZE, seed=seed))
+
+
+def write_pairs(folder, pairs):
+    """(image, caption) pairs as PNGs and the data.jsonl of train.py that lists them."""
     from plumbing.files import atomic_write
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
-    for i, (image, text) in enumerate(make_dataset(n, size=SIZE, seed=seed)):
+    for i, (image, text) in enumerate(pairs):
         image.save(folder / f"{i:06d}.png")
         lines.append(json.dumps({"path": f"{i:06d}.png", "prompt": text}))
     text = "\n".join(lines) + "\n"
@@ -646,21 +651,15 @@ def with_word(text):
 def write_word_data(folder, n, seed=WORD_SEED):
     """n renders for the LoRA: every other one a red scene captioned with the new word, the rest
     random scenes with their own captions (rehearsal: the word is learnt, the rest kept)."""
-    from plumbing.files import atomic_write
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = []
+    pairs = []
     for i in range(n):
         rng = np.random.default_rng([seed, i])
         scene = sample_scene(rng)
         if i % 2 == 0:
             scene = Scene(scene.count, MEANING, scene.shape, scene.position)
-        render(scene, SIZE, rng).save(folder / f"{i:06d}.png")
-        text = with_word(caption(scene)) if i % 2 == 0 else caption(scene)
-        lines.append(json.dumps({"path": f"{i:06d}.png", "prompt": text}))
-    text = "\n".join(lines) + "\n"
-    return atomic_write(folder / "data.jsonl", lambda tmp: tmp.write_text(text))
+        image = render(scene, SIZE, rng)
+        pairs.append((image, with_word(caption(scene)) if i % 2 == 0 else caption(scene)))
+    return write_pairs(folder, pairs)
 
 
 def word_prompts(n, seed=HELDOUT_SEED):

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nextdit import NextDiT, NextDiTConfig, add_lora, lora_state_dict  # noqa: E402
 from svgt2i import flow_matching_loss  # noqa: E402
+from train import update_ema  # noqa: E402
 
 GB = 1e9
 
@@ -63,10 +64,7 @@ def one_step(mode, layers, rank):
     losses.mean().backward()
     torch.nn.utils.clip_grad_norm_(params, 2.0)
     opt.step()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                ema[name].lerp_(p.detach().float(), 1e-4)
+    update_ema(ema, model, 0.9999)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"mode": mode, "layers": layers, "rank": rank if mode == "lora" else None,
             "parameters": sum(p.numel() for p in model.parameters()), "trained": sum(p.numel() for p in params),

@@ -154,21 +154,20 @@ def frozen_bytes():
 
 def lora_table(ranks, gemma, dino):
     """The README's LoRA table: one GPU, rank x resolution x micro-batch, GB with and without the frozen encoders."""
+    cfg = dataclasses.replace(NextDiTConfig.from_name("2b"), in_channels=384, cap_feat_dim=2304)
     with torch.device("meta"):
-        base = NextDiT(dataclasses.replace(NextDiTConfig.from_name("2b"), in_channels=384, cap_feat_dim=2304))
-    total = count(base)
+        total = count(NextDiT(cfg))
     print("| rank | px | micro-batch | base bf16 | adapters + grads, AdamW, EMA | activations (checkpointing) | "
           "total, --cache | + Gemma bf16, DINOv3 |")
     print("|---|---|---|---|---|---|---|---|")
     for rank in ranks:
         with torch.device("meta"):
-            adapters = sum(v.numel() for v in nextdit.lora_state_dict(nextdit.add_lora(
-                NextDiT(dataclasses.replace(NextDiTConfig.from_name("2b"), in_channels=384,
-                                            cap_feat_dim=2304)), rank, rank)).values())
-        per_token, cfg = measure("2b", lora_rank=rank)
+            adapted = nextdit.add_lora(NextDiT(cfg), rank, rank)
+        adapters = sum(v.numel() for v in nextdit.lora_state_dict(adapted).values())
+        per_token, preset = measure("2b", lora_rank=rank)
         for px, cap_len in ((256, 256), (512, 256), (1024, 512)):
             for B in (1, 2, 3, 4):
-                _, ckpt = activations(per_token, cfg, B, cap_len, px // 16)
+                _, ckpt = activations(per_token, preset, B, cap_len, px // 16)
                 kept = 2 * total + 20 * adapters
                 print(f"| {rank} | {px} | {B} | {2 * total / GB:.2f} | {adapters / 1e6:.1f}M: {20 * adapters / GB:.2f} | "
                       f"{ckpt / GB:.2f} | **{(kept + ckpt) / GB:.1f}** | {(kept + ckpt + gemma + dino) / GB:.1f} |")

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from plumbing import UsageError
-from plumbing.release import (DOWNLOAD_HINT, GEMMA_DIRS, RELEASE_DIRS, TOY_BUNDLE, checkpoint_folder,
-                              default_folder)
+from plumbing.release import (DOWNLOAD_HINT, GEMMA_DIRS, RELEASE_DIRS, TOY_BUNDLE, default_folder,
+                              lora_file)
 
 # The official evaluation scripts look for the prompt under these fields, in this order.
 PROMPT_FIELDS = ("refined_prompt", "prompt", "gpt_4_caption", "caption", "text", "description",
@@ -157,9 +157,7 @@ def lora_flag(value):
                          "lora.safetensors:0.8")
     if not os.path.exists(path):
         raise UsageError(f"--lora {path}: no such file")
-    if os.path.isdir(path):         # recorded in the PNGs as the file it is now
-        path = os.path.join(checkpoint_folder(path), "lora.safetensors")
-    return path, scale
+    return lora_file(path), scale       # (a run's folder: recorded as the file it is now)
 
 
 def check_numbers(args):

@@ -24,8 +24,8 @@ from gemma2 import Gemma2, Gemma2Config, Gemma2Tokenizer, gemma2_keymap
 from nextdit import NextDiT, NextDiTConfig, add_lora, merge_lora, nextdit_keymap
 from plumbing import UsageError
 from plumbing.files import key_mismatch, read_json, read_state_dict, read_torch, sub_state_dict
-from plumbing.release import (DOWNLOAD_HINT, LIN_FILE, NEXTDIT_FILES, VGG_FILE, autoencoder_file,
-                              checkpoint_folder, find_weights)
+from plumbing.release import (DOWNLOAD_HINT, LIN_FILE, LORA_FILE, NEXTDIT_FILES, VGG_FILE,
+                              autoencoder_file, find_weights, lora_file)
 from svgt2i import Autoencoder, LatentStats, TextEncoder
 
 
@@ -144,9 +144,6 @@ def load_nextdit(path, device="cpu", dtype=torch.bfloat16):
 # -------------------------------------------------------------------------------------------------
 # LoRA: train.py --lora's model, the adapter files it writes, and their merge at sampling
 
-LORA_FILE = "lora.safetensors"      # in a train.py --lora checkpoint: the adapters to sample with
-
-
 def lora_model(init_file, args, config, device, bf16):
     """train.py --lora's DiT: the weights of `init_file` frozen, held in bf16 when training in bf16
     (no fp32 master copy: built on meta, each tensor cast as it is assigned), then fresh fp32
@@ -174,8 +171,7 @@ def read_lora(path):
     """A LoRA file (or a LoRA run's / checkpoint's lora.safetensors): (adapters, alpha, path),
     checked to hold adapter pairs only, of one rank, with lora_alpha in its metadata."""
     from safetensors import safe_open
-    path = Path(path)
-    path = Path(checkpoint_folder(str(path))) / LORA_FILE if path.is_dir() else path
+    path = Path(lora_file(str(path)))
     if not path.is_file():
         raise UsageError(f"--lora {path}: no such file (expected a {LORA_FILE} written by "
                          "train.py --lora, or its run folder)")

@@ -53,9 +53,11 @@ FROZEN = ("autoencoder", "dinov3", "gemma")    # the frozen parts a DiT run reco
 # What a training checkpoint folder of ours holds; --resume checks each before trusting it ("a|b":
 # either). train.py: full safetensors in every mode (what sample.py and --init-from read), then
 # optimizer.pt (ddp) or dcp/ (fsdp: torch.distributed.checkpoint); either resumes in either mode.
-DIT_CHECKPOINT_FILES = ("model.safetensors|lora_train.safetensors",
-                        "ema.safetensors|lora.safetensors", "optimizer.pt|dcp", "state.pt",
-                        "run.json", "latent_stats.pt")     # (lora*: a train.py --lora checkpoint)
+# train.py --lora writes the adapters instead of the model: LORA_FILE (their EMA, the file to sample
+# with) and LORA_TRAIN_FILE (as trained, for --resume).
+LORA_FILE, LORA_TRAIN_FILE = "lora.safetensors", "lora_train.safetensors"
+DIT_CHECKPOINT_FILES = (f"model.safetensors|{LORA_TRAIN_FILE}", f"ema.safetensors|{LORA_FILE}",
+                        "optimizer.pt|dcp", "state.pt", "run.json", "latent_stats.pt")
 # train_autoencoder.py (R's latent_stats.pt is written last, at the final step)
 AUTOENCODER_CHECKPOINT_FILES = ("autoencoder.safetensors", "optimizer.pt", "state.pt", "run.json")
 # LPIPS' weights (train_autoencoder.py): torchvision's ImageNet VGG16 and the lpips package's layers
@@ -78,6 +80,12 @@ def first_match(folder, patterns, unique=False):
         if hits:
             return hits[-1]
     return None
+
+
+def lora_file(path):
+    """sample.py --lora PATH: a LoRA file as it is; a train.py --lora run (its newest checkpoint) or
+    checkpoint folder stands for its LORA_FILE."""
+    return os.path.join(checkpoint_folder(path), LORA_FILE) if os.path.isdir(path) else path
 
 
 def checkpoint_folder(path):
@@ -141,8 +149,7 @@ def find_weights(ckpt_dir, gemma_dir=None, dit=None, autoencoder=None, dinov3=No
         if gone and key not in need and path == run.get(key):
             found[key] = None
             continue
-        lora = os.path.join(ckpt_dir, "lora.safetensors")
-        if path is None and key == "dit" and os.path.isfile(lora):
+        if path is None and key == "dit" and os.path.isfile(os.path.join(ckpt_dir, LORA_FILE)):
             raise FileNotFoundError(f"{ckpt_dir} is a train.py --lora checkpoint (adapters only): "
                                     f"sample its base with --lora {ckpt_dir}")
         if path is None and key in need:

@@ -17,6 +17,7 @@ import torch.distributed as torch_dist
 
 from plumbing import UsageError
 from plumbing.files import first_line, refused_global
+from plumbing.release import LORA_FILE, LORA_TRAIN_FILE
 
 
 def parallel_plan(args, dist):
@@ -368,8 +369,8 @@ def write_lora(folder, model, ema, opt, dist, meta):
     from nextdit import lora_state_dict
     from plumbing.loading import lora_metadata
     meta = {**meta, **lora_metadata(model.lora)}
-    write_safetensors(folder / "lora.safetensors", ema, dist.main, meta)
-    write_safetensors(folder / "lora_train.safetensors", lora_state_dict(model), dist.main, meta)
+    write_safetensors(folder / LORA_FILE, ema, dist.main, meta)
+    write_safetensors(folder / LORA_TRAIN_FILE, lora_state_dict(model), dist.main, meta)
     if dist.main:
         torch.save(opt.state_dict(), folder / "optimizer.pt")
 
@@ -381,16 +382,16 @@ def read_lora_checkpoint(folder, model, ema, opt):
 
     from nextdit import lora_state_dict
     from plumbing.loading import lora_metadata
-    if not (folder / "lora_train.safetensors").is_file() or not getattr(model, "lora", None):
-        what = "a LoRA checkpoint: add its --lora" if not getattr(model, "lora", None) else \
-            "not a LoRA checkpoint: drop --lora"
-        raise UsageError(f"--resume {folder}: {what}")
-    with safe_open(str(folder / "lora_train.safetensors"), "pt") as f:
+    if not getattr(model, "lora", None):
+        raise UsageError(f"--resume {folder}: a LoRA checkpoint: add its --lora")
+    if not (folder / LORA_TRAIN_FILE).is_file():
+        raise UsageError(f"--resume {folder}: not a LoRA checkpoint: drop --lora")
+    with safe_open(str(folder / LORA_TRAIN_FILE), "pt") as f:
         saved = f.metadata() or {}
     for key, value in lora_metadata(model.lora).items():
         if key != "lora_base" and saved.get(key) != value:
             raise UsageError(f"--resume {folder}: its {key} is {saved.get(key)}, this run's "
                              f"{value}: resume with the run's own --lora flags")
-    read_into(lora_state_dict(model), folder / "lora_train.safetensors")
-    read_into(ema, folder / "lora.safetensors")
+    read_into(lora_state_dict(model), folder / LORA_TRAIN_FILE)
+    read_into(ema, folder / LORA_FILE)
     load_full_optimizer(opt, folder / "optimizer.pt")
